@@ -1,0 +1,88 @@
+"""The proxy listener's ASGI entry point: route, set up the request context, run the
+route's pipeline. Everything else happens in the layers (see ``proxy/pipeline.py``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from proxy.context import RequestContext
+from proxy.forward import ClientDisconnected
+from proxy.headers import new_request_id, valid_request_id
+from proxy.pipeline import Runtime
+from proxy.problem import send_problem
+from proxy.types import Message, Receive, Scope, Send
+from proxy.upstream.errors import UpstreamError
+
+logger = logging.getLogger("sidecar.proxy")
+
+
+class ProxyState:
+    """Mutable process state shared by both listeners: the live runtime and drain flag."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.draining = False
+        self.in_flight = 0
+
+
+class ProxyApp:
+    """ASGI app for the proxy listener."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
+                # WebSocket upgrades are refused (403 before accept), see README.
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        state = self.state
+        runtime = state.runtime
+        route = runtime.router.match(scope["method"], scope["path"])
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        trusted = runtime.trusted
+        request_id = b""
+        xff = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value
+            elif name == b"x-forwarded-for" and trusted:
+                xff = value if xff is None else xff + b", " + value
+        if not valid_request_id(request_id):
+            request_id = new_request_id()
+        peer_trusted = bool(trusted) and trusted.contains(peer)
+        client_ip = trusted.client_ip(peer, xff) if peer_trusted else peer
+        ctx = RequestContext(route, client_ip, peer_trusted, request_id, time.perf_counter())
+        ctx.draining = state.draining
+        scope["sidecar"] = ctx
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        state.in_flight += 1
+        try:
+            await route.app(scope, receive, tracking_send)  # type: ignore[misc]
+        except ClientDisconnected:
+            ctx.error = "client_disconnected"
+        except UpstreamError:
+            if not started:
+                raise
+            # The upstream failed mid-body: returning without completing makes the server
+            # close the client connection, so the client sees a truncated response.
+        except Exception:
+            if started:
+                raise
+            logger.exception("unhandled error while proxying %s %s", scope["method"], scope["path"])
+            ctx.error = "internal"
+            await send_problem(send, 500, "internal-error", "the sidecar failed to handle the request")
+        finally:
+            state.in_flight -= 1

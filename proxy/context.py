@@ -1,0 +1,37 @@
+"""Per-request state shared by the layers, stored in ``scope["sidecar"]``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.routing import CompiledRoute
+
+
+class RequestContext:
+    """What the pipeline learns about one request, written once and read by later layers."""
+
+    __slots__ = (
+        "client_ip",
+        "draining",
+        "error",
+        "idempotency_key",
+        "peer_trusted",
+        "request_id",
+        "route",
+        "start",
+        "upstream_attempts",
+    )
+
+    def __init__(
+        self, route: CompiledRoute, client_ip: str, peer_trusted: bool, request_id: bytes, start: float
+    ) -> None:
+        self.route = route
+        self.client_ip = client_ip
+        self.peer_trusted = peer_trusted
+        self.request_id = request_id
+        self.start = start
+        self.error: str | None = None  # why the sidecar answered itself (metrics label)
+        self.idempotency_key: str | None = None  # set when idempotency holds a claim
+        self.upstream_attempts = 0
+        self.draining = False

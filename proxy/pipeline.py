@@ -1,0 +1,61 @@
+"""Builds each route's layer stack from the validated config: the sidecar's filter chain.
+
+Order, outermost first (a request walks down, the response walks back up):
+
+1. body limit         413 before anything else reads the body      layers/body_limit.py
+2. forward            headers, streaming, 502/504                   forward.py
+     └ upstream call: cluster (endpoint choice, pooled HTTP/1.1)    upstream/cluster.py
+
+Everything is built once per config load; a request allocates no policy objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proxy.config.schema import Config, Route
+from proxy.forward import Forwarder
+from proxy.headers import TrustedProxies
+from proxy.layers.body_limit import BodyLimitLayer
+from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
+from proxy.types import ASGIApp
+from proxy.upstream.cluster import Cluster
+
+
+@dataclass
+class Runtime:
+    """Everything built from one config: swapped as a whole on reload."""
+
+    config: Config
+    router: Router
+    clusters: dict[str, Cluster]
+    trusted: TrustedProxies
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.close()
+
+
+def build_runtime(config: Config) -> Runtime:
+    """Compile routes and build every route's pipeline (needs a running event loop)."""
+    clusters = {name: Cluster(name, upstream) for name, upstream in config.upstreams.items()}
+    compiled = [compile_route(i, route) for i, route in enumerate(config.routes)]
+    default = CompiledRoute(-1, Route(upstream=config.default_upstream), UNMATCHED, None)
+    for route in [*compiled, default]:
+        route.app = build_route_app(route, config, clusters)
+    return Runtime(config, Router(compiled, default), clusters, TrustedProxies(config.trusted_proxies))
+
+
+def build_route_app(route: CompiledRoute, config: Config, clusters: dict[str, Cluster]) -> ASGIApp:
+    """The layer stack of one route, innermost first."""
+    settings = route.config
+    cluster = clusters[settings.upstream]
+    retry = settings.retry or cluster.config.retry
+    app: ASGIApp = Forwarder(cluster.send, max_buffered_body=retry.max_buffered_body)
+    max_body = settings.limits.max_body_bytes
+    if max_body is None:
+        max_body = config.limits.max_body_bytes
+    if max_body is not None:
+        app = BodyLimitLayer(app, max_body)
+    return app
