@@ -51,20 +51,29 @@ class AdminApp:
             await send_problem(send, 404, "not-found", f"no admin endpoint at {scope['path']}")
             return
         if scope["method"] not in ("GET", "HEAD"):
-            await send_problem(send, 405, "method-not-allowed", "admin endpoints answer GET and HEAD",
-                               [(b"allow", b"GET, HEAD")])
+            await send_problem(
+                send,
+                405,
+                "method-not-allowed",
+                "admin endpoints answer GET and HEAD",
+                [(b"allow", b"GET, HEAD")],
+            )
             return
         status, content_type, body = await handler(scope)
-        await send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-            ],
-        })
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
 
     # -- endpoints ----------------------------------------------------------------------
     async def live(self, scope: Scope) -> tuple[int, str, bytes]:
@@ -96,14 +105,18 @@ class AdminApp:
         for cluster in self.state.runtime.clusters.values():
             for endpoint in cluster.endpoints:
                 result = self.prober.results.get(endpoint.url)
-                checks.setdefault("upstream", []).append({
-                    "componentId": f"{cluster.name}:{endpoint.url}",
-                    "status": "warn" if result is None else ("pass" if result.ok else "fail"),
-                    "output": "not probed yet" if result is None else result.detail,
-                    "observedValue": None if result is None else round(result.duration * 1000, 3),
-                    "observedUnit": "ms",
-                    "time": None if result is None else _iso(result.checked_at),
-                })
+                checks.setdefault("upstream", []).append(
+                    {
+                        "componentId": f"{cluster.name}:{endpoint.url}",
+                        "status": "warn" if result is None else ("pass" if result.ok else "fail"),
+                        "output": "not probed yet" if result is None else result.detail,
+                        "observedValue": None
+                        if result is None
+                        else round(result.duration * 1000, 3),
+                        "observedUnit": "ms",
+                        "time": None if result is None else _iso(result.checked_at),
+                    }
+                )
         query = parse_qs(scope["query_string"].decode("latin-1"))
         if "include" in query:
             wanted = {part for value in query["include"] for part in value.split(",")}

@@ -83,6 +83,8 @@ class ProxyApp:
                 raise
             logger.exception("unhandled error while proxying %s %s", scope["method"], scope["path"])
             ctx.error = "internal"
-            await send_problem(send, 500, "internal-error", "the sidecar failed to handle the request")
+            await send_problem(
+                send, 500, "internal-error", "the sidecar failed to handle the request"
+            )
         finally:
             state.in_flight -= 1

@@ -24,7 +24,12 @@ class RequestContext:
     )
 
     def __init__(
-        self, route: CompiledRoute, client_ip: str, peer_trusted: bool, request_id: bytes, start: float
+        self,
+        route: CompiledRoute,
+        client_ip: str,
+        peer_trusted: bool,
+        request_id: bytes,
+        start: float,
     ) -> None:
         self.route = route
         self.client_ip = client_ip

@@ -60,7 +60,9 @@ _ERROR_SLUG = {
 class Forwarder:
     """ASGI app that proxies to ``call`` (a cluster, usually wrapped by retry/breaker)."""
 
-    def __init__(self, call: UpstreamCall, *, max_buffered_body: int, trusted: bool = False) -> None:
+    def __init__(
+        self, call: UpstreamCall, *, max_buffered_body: int, trusted: bool = False
+    ) -> None:
         self.call = call
         self.max_buffered_body = max_buffered_body
 
@@ -100,8 +102,10 @@ class Forwarder:
         elif length is not None or method in ("POST", "PUT", "PATCH"):
             req.headers.append((b"content-length", str(length or 0).encode()))
 
-        replayable = not chunked and not isinstance(body, AsyncIterator) and (
-            method in IDEMPOTENT_METHODS or ctx.idempotency_key is not None
+        replayable = (
+            not chunked
+            and not isinstance(body, AsyncIterator)
+            and (method in IDEMPOTENT_METHODS or ctx.idempotency_key is not None)
         )
         request = UpstreamRequest(method, target, req.headers, body, chunked, replayable)
         try:
@@ -119,13 +123,19 @@ class Forwarder:
         except UpstreamRejected as exc:
             ctx.error = exc.slug
             await send_problem(
-                send, exc.status, exc.slug, exc.detail, [*exc.headers, (b"x-request-id", ctx.request_id)]
+                send,
+                exc.status,
+                exc.slug,
+                exc.detail,
+                [*exc.headers, (b"x-request-id", ctx.request_id)],
             )
             return
         await relay_response(response, ctx, receive, send)
 
 
-async def relay_response(response: Response, ctx: RequestContext, receive: Receive, send: Send) -> None:
+async def relay_response(
+    response: Response, ctx: RequestContext, receive: Receive, send: Send
+) -> None:
     """Stream an upstream response to the client, releasing the connection on every path."""
     try:
         headers = response_headers(response.headers, ctx.request_id, close=ctx.draining)

@@ -115,7 +115,9 @@ def scan_request(raw: Headers) -> RequestHeaders:
                 result.chunked = b"chunked" in value.lower()
             elif name == b"x-forwarded-for":
                 result.x_forwarded_for = (
-                    value if result.x_forwarded_for is None else result.x_forwarded_for + b", " + value
+                    value
+                    if result.x_forwarded_for is None
+                    else result.x_forwarded_for + b", " + value
                 )
             elif name == b"x-request-id":
                 result.request_id = value
@@ -140,11 +142,15 @@ def add_forwarding(
     """Set ``X-Forwarded-*``, ``Forwarded``, ``Via`` and ``X-Request-ID`` on ``req.headers``."""
     headers = req.headers
     client_forwarded = client_proto = client_host = client_via = None
-    if any(n in (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"via") for n, _ in headers):
+    if any(
+        n in (b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"via") for n, _ in headers
+    ):
         rest: Headers = []
         for name, value in headers:
             if name == b"forwarded":
-                client_forwarded = value if client_forwarded is None else client_forwarded + b", " + value
+                client_forwarded = (
+                    value if client_forwarded is None else client_forwarded + b", " + value
+                )
             elif name == b"x-forwarded-proto":
                 client_proto = value
             elif name == b"x-forwarded-host":
@@ -172,7 +178,9 @@ def add_forwarding(
     headers.append((b"x-forwarded-proto", proto))
     if host:
         headers.append((b"x-forwarded-host", host))
-    headers.append((b"forwarded", element if client_forwarded is None else client_forwarded + b", " + element))
+    headers.append(
+        (b"forwarded", element if client_forwarded is None else client_forwarded + b", " + element)
+    )
     headers.append((b"via", VIA if client_via is None else client_via + b", " + VIA))
     headers.append((b"x-request-id", request_id))
 

@@ -66,8 +66,12 @@ class UpstreamProber:
     def _record(self, endpoint: Endpoint, result: ProbeResult) -> None:
         previous = self.results.get(endpoint.url)
         if previous is not None and previous.ok != result.ok:
-            logger.warning("upstream %s is now %s: %s", endpoint.url,
-                           "healthy" if result.ok else "unhealthy", result.detail)
+            logger.warning(
+                "upstream %s is now %s: %s",
+                endpoint.url,
+                "healthy" if result.ok else "unhealthy",
+                result.detail,
+            )
         self.results[endpoint.url] = result
         endpoint.healthy = result.ok
 

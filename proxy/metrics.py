@@ -14,7 +14,9 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
 
 
 def method_label(method: str) -> str:
@@ -23,7 +25,9 @@ def method_label(method: str) -> str:
 
 # -- seed-compatible request metrics ------------------------------------------------------
 HTTP_REQUESTS = Counter(
-    "http_requests_total", "Requests answered by the proxy listener.", ["method", "endpoint", "status"]
+    "http_requests_total",
+    "Requests answered by the proxy listener.",
+    ["method", "endpoint", "status"],
 )
 HTTP_DURATION = Histogram(
     "http_request_duration_seconds",
@@ -45,7 +49,9 @@ UPSTREAM_DURATION = Histogram(
     ["upstream"],
     buckets=LATENCY_BUCKETS,
 )
-RETRIES = Counter("sidecar_retries_total", "Retries sent, by upstream and reason.", ["upstream", "reason"])
+RETRIES = Counter(
+    "sidecar_retries_total", "Retries sent, by upstream and reason.", ["upstream", "reason"]
+)
 RETRIES_DENIED = Counter(
     "sidecar_retries_denied_total",
     "Retries not sent, by upstream and why (budget, unsafe, deadline).",
@@ -81,10 +87,14 @@ RATE_LIMIT_STORE_ERRORS = Counter(
     ["endpoint", "action"],
 )
 CACHE = Counter(
-    "sidecar_cache_requests_total", "Cache lookups by result: hit, miss, stale, bypass.", ["endpoint", "result"]
+    "sidecar_cache_requests_total",
+    "Cache lookups by result: hit, miss, stale, bypass.",
+    ["endpoint", "result"],
 )
 STORE_ERRORS = Counter(
-    "sidecar_store_errors_total", "Store operations that failed or timed out.", ["backend", "operation"]
+    "sidecar_store_errors_total",
+    "Store operations that failed or timed out.",
+    ["backend", "operation"],
 )
 STORE_DURATION = Histogram(
     "sidecar_store_operation_duration_seconds",

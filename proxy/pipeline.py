@@ -11,15 +11,28 @@ Everything is built once per config load; a request allocates no policy objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.config.schema import Config, Route
 from proxy.forward import Forwarder
 from proxy.headers import TrustedProxies
 from proxy.layers.body_limit import BodyLimitLayer
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
+from proxy.store.redis_client import open_redis
 from proxy.types import ASGIApp
 from proxy.upstream.cluster import Cluster
+
+
+class Shared:
+    """Process-wide resources that outlive config reloads (the store connection)."""
+
+    def __init__(self, config: Config) -> None:
+        self.store_config = config.store
+        self.redis = open_redis(config.store) if config.store.backend == "redis" else None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 @dataclass
@@ -30,24 +43,27 @@ class Runtime:
     router: Router
     clusters: dict[str, Cluster]
     trusted: TrustedProxies
-    extras: dict[str, object] = field(default_factory=dict)
+    shared: Shared
 
     def close(self) -> None:
         for cluster in self.clusters.values():
             cluster.close()
 
 
-def build_runtime(config: Config) -> Runtime:
+def build_runtime(config: Config, shared: Shared) -> Runtime:
     """Compile routes and build every route's pipeline (needs a running event loop)."""
     clusters = {name: Cluster(name, upstream) for name, upstream in config.upstreams.items()}
     compiled = [compile_route(i, route) for i, route in enumerate(config.routes)]
     default = CompiledRoute(-1, Route(upstream=config.default_upstream), UNMATCHED, None)
     for route in [*compiled, default]:
-        route.app = build_route_app(route, config, clusters)
-    return Runtime(config, Router(compiled, default), clusters, TrustedProxies(config.trusted_proxies))
+        route.app = build_route_app(route, config, clusters, shared)
+    trusted = TrustedProxies(config.trusted_proxies)
+    return Runtime(config, Router(compiled, default), clusters, trusted, shared)
 
 
-def build_route_app(route: CompiledRoute, config: Config, clusters: dict[str, Cluster]) -> ASGIApp:
+def build_route_app(
+    route: CompiledRoute, config: Config, clusters: dict[str, Cluster], shared: Shared
+) -> ASGIApp:
     """The layer stack of one route, innermost first."""
     settings = route.config
     cluster = clusters[settings.upstream]

@@ -61,7 +61,9 @@ def compile_route(index: int, route: Route) -> CompiledRoute:
     if match.path is not None:
         endpoint = route.name or match.path
         if _PARAM_RE.search(match.path):
-            return CompiledRoute(index, route, endpoint, methods, regex=compile_template(match.path))
+            return CompiledRoute(
+                index, route, endpoint, methods, regex=compile_template(match.path)
+            )
         return CompiledRoute(index, route, endpoint, methods, exact=match.path)
     if match.path_prefix is not None:
         endpoint = route.name or match.path_prefix.rstrip("/") + "/*"

@@ -25,7 +25,7 @@ from proxy.admin import AdminApp
 from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
-from proxy.pipeline import Runtime, build_runtime
+from proxy.pipeline import Runtime, Shared, build_runtime
 
 logger = logging.getLogger("sidecar")
 
@@ -39,6 +39,7 @@ class Sidecar:
         self.config_path = config_path
         self.initial_config = config
         self.state: ProxyState | None = None
+        self.shared: Shared
         self.prober = UpstreamProber()
         self.stopping = asyncio.Event()
         self.reload_listeners: list[ReloadListener] = []
@@ -49,11 +50,14 @@ class Sidecar:
 
     async def serve(self) -> int:
         config = self.initial_config
-        runtime = build_runtime(config)
+        self.shared = Shared(config)
+        runtime = build_runtime(config, self.shared)
         self.state = ProxyState(runtime)
         self.prober.start(runtime)
         proxy = _server(ProxyApp(self.state), config.listen.host, config.listen.port, config)
-        admin = _server(AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config)
+        admin = _server(
+            AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config
+        )
         self._servers = [proxy, admin]
         for server in self._servers:
             await server.startup()
@@ -65,7 +69,10 @@ class Sidecar:
             self._tasks.append(asyncio.create_task(self._watch_file()))
         logger.info(
             "sidecar proxying on %s:%d, admin on %s:%d",
-            config.listen.host, _bound_port(proxy), config.admin.host, _bound_port(admin),
+            config.listen.host,
+            _bound_port(proxy),
+            config.admin.host,
+            _bound_port(admin),
         )
         await self.stopping.wait()
         await self._drain(proxy)
@@ -104,7 +111,9 @@ class Sidecar:
         while self.state.in_flight and time.monotonic() < deadline and self._signal_time:
             await asyncio.sleep(0.01)
         if self.state.in_flight:
-            logger.warning("drain timeout: %d request(s) still in flight are cut", self.state.in_flight)
+            logger.warning(
+                "drain timeout: %d request(s) still in flight are cut", self.state.in_flight
+            )
         logger.info("drained; exiting")
 
     async def _close(self) -> None:
@@ -117,6 +126,7 @@ class Sidecar:
         await self.prober.close()
         if self.state is not None:
             self.state.runtime.close()
+            await self.shared.close()
 
     # -- reload --------------------------------------------------------------------------
     async def reload(self, reason: str) -> bool:
@@ -136,7 +146,7 @@ class Sidecar:
             if getattr(config, section) != getattr(old.config, section):
                 logger.warning("config reload: `%s` changes need a restart; ignored", section)
                 config = config.model_copy(update={section: getattr(old.config, section)})
-        runtime: Runtime = build_runtime(config)
+        runtime: Runtime = build_runtime(config, self.shared)
         self.state.runtime = runtime
         self.prober.start(runtime)
         asyncio.get_running_loop().call_later(

@@ -19,11 +19,15 @@ def echo_upstream() -> Iterator[Upstream]:
 
 
 @pytest.fixture
-def start_sidecar(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Sidecar]]:
+def start_sidecar(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Sidecar]]:
     """Start sidecars from config dicts; all are stopped (and their logs shown on failure)."""
     started: list[Sidecar] = []
 
-    def start(config: dict, *, wait_ready: bool = False, env: dict[str, str] | None = None) -> Sidecar:
+    def start(
+        config: dict, *, wait_ready: bool = False, env: dict[str, str] | None = None
+    ) -> Sidecar:
         sidecar = Sidecar(config, tmp_path, env=env).start(wait_ready=wait_ready)
         started.append(sidecar)
         return sidecar

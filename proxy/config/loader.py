@@ -51,7 +51,9 @@ def parse_config(text: str, name: str = "<config>", env: Mapping[str, str] | Non
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(name, ["the top level must be a mapping of sections (listen, routes, ...)"])
+        raise ConfigError(
+            name, ["the top level must be a mapping of sections (listen, routes, ...)"]
+        )
     errors: list[str] = []
     expanded = _expand(raw, os.environ if env is None else env, "", errors)
     if errors:
@@ -76,7 +78,9 @@ def _expand(value: Any, env: Mapping[str, str], where: str, errors: list[str]) -
                 return env[var]
             if default is not None:
                 return default
-            errors.append(f"{where or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})")
+            errors.append(
+                f"{where or '<root>'}: environment variable {var} is not set (use ${{{var}:-default}})"
+            )
             return ""
 
         expanded = _VAR_RE.sub(substitute, value)

@@ -49,7 +49,9 @@ class Admin(Model):
 
 class Store(Model):
     backend: Literal["memory", "redis"] = "memory"
-    url: str | None = Field(None, description="redis://[:password@]host:port/db; secrets are redacted")
+    url: str | None = Field(
+        None, description="redis://[:password@]host:port/db; secrets are redacted"
+    )
     key_prefix: str = "sidecar:"
     timeout: Duration = Field(0.25, description="per store operation")
     max_entries: int = Field(100_000, ge=1, description="memory backend: LRU bound per namespace")
@@ -158,7 +160,9 @@ class Upstream(Model):
             raise ValueError("give exactly one of url or urls")
         for url in self.endpoints:
             if not re.match(r"^http://[^/\s:]+(:\d+)?/?$", url):
-                raise ValueError(f"{url!r}: must look like http://host:port (https is not supported)")
+                raise ValueError(
+                    f"{url!r}: must look like http://host:port (https is not supported)"
+                )
         return self
 
     @property
@@ -193,7 +197,9 @@ class Idempotency(Model):
     enabled: bool = True
     required: bool = False
     ttl: Duration = 86400.0
-    lease: Duration = Field(60.0, description="how long an in-flight claim holds without completing")
+    lease: Duration = Field(
+        60.0, description="how long an in-flight claim holds without completing"
+    )
     methods: list[str] = ["POST", "PATCH"]
     headers: list[str] = ["Idempotency-Key", "X-Idempotency-Key"]
     max_stored_body: Size = 1048576
@@ -213,7 +219,9 @@ class Idempotency(Model):
 
 class RateLimit(Model):
     requests_per_second: float = Field(gt=0)
-    burst: int | None = Field(None, ge=1, description="bucket size; defaults to requests_per_second")
+    burst: int | None = Field(
+        None, ge=1, description="bucket size; defaults to requests_per_second"
+    )
     key: str = Field("client_ip", description="client_ip, route, or header:NAME")
     on_store_error: Literal["fail_open", "fail_closed"] = "fail_open"
 
@@ -265,7 +273,10 @@ class Route(Model):
 
 
 class HealthSettings(Model):
-    critical: list[Literal["upstream", "store", "circuit_breakers", "system"]] = ["upstream", "store"]
+    critical: list[Literal["upstream", "store", "circuit_breakers", "system"]] = [
+        "upstream",
+        "store",
+    ]
     memory_warn_ratio: float = Field(0.8, gt=0, le=1)
     memory_fail_ratio: float = Field(0.95, gt=0, le=1)
     loop_lag_warn: Duration = 0.1

@@ -106,9 +106,7 @@ class Connection(asyncio.Protocol):
                 pass
             if not response.complete:
                 reason = f": {exc}" if exc else ""
-                response.fail(
-                    ConnectionReset(f"upstream closed the connection{reason}", sent=True)
-                )
+                response.fail(ConnectionReset(f"upstream closed the connection{reason}", sent=True))
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionReset("upstream closed while sending", sent=True))

@@ -83,7 +83,9 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         status = int(path.rsplit("/", 1)[1])
         body = b"" if status in (204, 304) else json.dumps({"status": status}).encode()
         if status in (204, 304):
-            await send({"type": "http.response.start", "status": status, "headers": [(b"etag", b'"x"')]})
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [(b"etag", b'"x"')]}
+            )
             await send({"type": "http.response.body", "body": b""})
         else:
             await _send(send, status, body)
@@ -94,8 +96,16 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
     elif path == "/download":
         size = int(query.get("size", "1048576"))
         chunk = b"x" * 65536
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(size).encode()),
+                ],
+            }
+        )
         sent = 0
         while sent < size:
             piece = chunk[: min(65536, size - sent)]
@@ -119,11 +129,22 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
                 break
         await _send(send, 200, json.dumps({"size": size, "sha256": digest.hexdigest()}).encode())
     elif path == "/cookies":
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/plain"), (b"content-length", b"2"),
-            (b"set-cookie", b"a=1; Path=/"), (b"set-cookie", b"b=2; Path=/"),
-            (b"connection", b"x-upstream-secret"), (b"x-upstream-secret", b"hidden"),
-            (b"keep-alive", b"timeout=5"), (b"proxy-authenticate", b"Basic")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", b"2"),
+                    (b"set-cookie", b"a=1; Path=/"),
+                    (b"set-cookie", b"b=2; Path=/"),
+                    (b"connection", b"x-upstream-secret"),
+                    (b"x-upstream-secret", b"hidden"),
+                    (b"keep-alive", b"timeout=5"),
+                    (b"proxy-authenticate", b"Basic"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": b"ok"})
     elif path == "/flaky" or path == "/retry-after":
         await _body(receive)
@@ -132,7 +153,11 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         n = flaky_state[f"{path} {key}"]
         flaky_state[f"{path} {key}"] += 1
         if n % of < fail:
-            extra = [(b"retry-after", query.get("seconds", "1").encode())] if path == "/retry-after" else []
+            extra = (
+                [(b"retry-after", query.get("seconds", "1").encode())]
+                if path == "/retry-after"
+                else []
+            )
             await _send(send, int(query.get("status", "503")), b'{"failed":true}', extra)
         else:
             await _send(send, 200, json.dumps({"ok": True, "call": n}).encode())

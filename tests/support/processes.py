@@ -24,7 +24,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -40,7 +42,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeou
 class Process:
     """A child process with its output in a log file (shown when a test fails)."""
 
-    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, name: str = "proc") -> None:
+    def __init__(
+        self, args: list[str], *, env: dict[str, str] | None = None, name: str = "proc"
+    ) -> None:
         self.args = args
         self.name = name
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -91,8 +95,23 @@ class Upstream(Process):
     def __init__(self, app: str = "tests.support.echo_app:app", port: int | None = None) -> None:
         self.port = port or free_port()
         super().__init__(
-            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port),
-             "--no-access-log", "--loop", "uvloop", "--http", "httptools", "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--log-level",
+                "warning",
+            ],
             name="upstream",
         )
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,7 +136,8 @@ class Sidecar(Process):
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         super().__init__(
             [sys.executable, "-m", "proxy", "run", "--config", str(self.config_path)],
-            env=env, name="sidecar",
+            env=env,
+            name="sidecar",
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
@@ -155,8 +175,19 @@ class RedisServer(Process):
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         super().__init__(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
             name="redis",
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
