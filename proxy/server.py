@@ -215,6 +215,7 @@ def run(config: Config, config_path: str | None) -> int:
         level=config.logging.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # health probes are not news
     try:
         import uvloop
 

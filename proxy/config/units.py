@@ -76,8 +76,10 @@ def format_duration(seconds: float) -> str:
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= factor and (seconds / factor).is_integer():
             return f"{int(seconds // factor)}{unit}"
-    millis = seconds * 1000
-    return f"{round(millis, 3):g}ms"
+    millis = round(seconds * 1000, 3)
+    if millis.is_integer():
+        return f"{int(millis)}ms"
+    return f"{millis}ms"
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
