@@ -112,6 +112,7 @@ class Forwarder:
             response = await self.call(request)
         except UpstreamError as exc:
             ctx.error = exc.kind
+            ctx.upstream_sent = request.sent or exc.sent
             await send_problem(
                 send,
                 _ERROR_STATUS.get(exc.kind, 502),
@@ -122,6 +123,7 @@ class Forwarder:
             return
         except UpstreamRejected as exc:
             ctx.error = exc.slug
+            ctx.upstream_sent = request.sent
             await send_problem(
                 send,
                 exc.status,

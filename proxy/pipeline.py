@@ -3,7 +3,9 @@
 Order, outermost first (a request walks down, the response walks back up):
 
 1. body limit         413 before anything else reads the body      layers/body_limit.py
-2. forward            headers, streaming, 502/504                   forward.py
+3. idempotency        claim/replay keyed requests (inside rate      layers/idempotency.py
+                      limiting, so a 429 is never stored)
+5. forward            headers, streaming, 502/504                   forward.py
      └ upstream call: cluster (endpoint choice, pooled HTTP/1.1)    upstream/cluster.py
 
 Everything is built once per config load; a request allocates no policy objects.
@@ -17,7 +19,9 @@ from proxy.config.schema import Config, Route
 from proxy.forward import Forwarder
 from proxy.headers import TrustedProxies
 from proxy.layers.body_limit import BodyLimitLayer
+from proxy.layers.idempotency import IdempotencyLayer
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
+from proxy.store.idempotency import open_idempotency_store
 from proxy.store.redis_client import open_redis
 from proxy.types import ASGIApp
 from proxy.upstream.cluster import Cluster
@@ -29,6 +33,7 @@ class Shared:
     def __init__(self, config: Config) -> None:
         self.store_config = config.store
         self.redis = open_redis(config.store) if config.store.backend == "redis" else None
+        self.idempotency = open_idempotency_store(config.store, self.redis)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -72,6 +77,11 @@ def build_route_app(
     max_body = settings.limits.max_body_bytes
     if max_body is None:
         max_body = config.limits.max_body_bytes
+    idempotency = settings.idempotency
+    if idempotency is not None and idempotency.enabled:
+        app = IdempotencyLayer(
+            app, idempotency, shared.idempotency, endpoint=route.endpoint, max_body=max_body
+        )
     if max_body is not None:
         app = BodyLimitLayer(app, max_body)
     return app

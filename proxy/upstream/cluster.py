@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from proxy.config.schema import Upstream
 from proxy.types import Headers
+from proxy.upstream.errors import UpstreamError
 from proxy.upstream.http11 import (
     EndpointPool,
     RequestBody,
@@ -35,6 +36,10 @@ class UpstreamRequest:
     replayable: bool = False
     # Overrides the upstream's response timeout for one attempt (per-try timeout).
     timeout: float | None = None
+    # Set by Cluster.send once any attempt may have reached the upstream; it stays set
+    # across retries (pass this object along, or carry the flag over when copying it), so
+    # idempotency knows whether a failed request can be released or must be kept unknown.
+    sent: bool = False
 
 
 class Endpoint:
@@ -84,17 +89,25 @@ class Cluster:
         """Send one attempt to ``endpoint`` (or the next one)."""
         endpoint = endpoint or self.pick()
         timeouts = self.config.timeouts
-        return await send_request(
-            endpoint.pool,
-            request.method,
-            request.target,
-            request.headers,
-            request.body,
-            chunked=request.chunked,
-            connect_timeout=timeouts.connect,
-            response_timeout=request.timeout or timeouts.request,
-            idle_timeout=timeouts.idle,
-        )
+        sent = True  # unless the failure proves the upstream saw nothing
+        try:
+            return await send_request(
+                endpoint.pool,
+                request.method,
+                request.target,
+                request.headers,
+                request.body,
+                chunked=request.chunked,
+                connect_timeout=timeouts.connect,
+                response_timeout=request.timeout or timeouts.request,
+                idle_timeout=timeouts.idle,
+            )
+        except UpstreamError as exc:
+            sent = exc.sent
+            raise
+        finally:
+            if sent:
+                request.sent = True
 
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,8 @@ Endpoints:
   /upload                reads the body, answers its size and sha256
   /cookies               two Set-Cookie headers and hop-by-hop junk
   /counter               counts calls per X-Test-Key (GET /stats to read, POST /reset to clear)
+  /orders, /idem/...     POST creates an order: 201 with a new id; ?delay=S waits S seconds,
+                         ?size=N pads the answer, ?status=C overrides 201 (calls are counted)
   /flaky?fail=N&of=M&status=503   of every M calls per key, the first N fail
   /retry-after?seconds=S&fail=N   like flaky with a Retry-After header
   /healthz               200, or the status set by POST /admin/health?status=503&delay=S
@@ -26,6 +28,7 @@ calls: Counter[str] = Counter()
 flaky_state: defaultdict[str, int] = defaultdict(int)
 health = {"status": 200, "delay": 0.0}
 stats = {"disconnects": 0, "downloads_finished": 0}
+orders = {"last_id": 0}
 
 
 async def _body(receive) -> bytes:  # type: ignore[no-untyped-def]
@@ -78,6 +81,20 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         }
         status = int(query.get("status", 200))
         await _send(send, status, json.dumps(doc).encode())
+    elif path == "/orders" or path.startswith("/idem/"):
+        body = await _body(receive)
+        orders["last_id"] += 1
+        order_id = orders["last_id"]
+        if "delay" in query:
+            await asyncio.sleep(float(query["delay"]))
+        doc = {
+            "id": order_id,
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "idempotency_key": hmap.get("idempotency-key"),
+            "pad": "x" * int(query.get("size", "0")),
+        }
+        extra = [(b"location", f"/orders/{order_id}".encode()), (b"set-cookie", b"o=1; Path=/")]
+        await _send(send, int(query.get("status", "201")), json.dumps(doc).encode(), extra)
     elif path.startswith("/status/"):
         await _body(receive)
         status = int(path.rsplit("/", 1)[1])

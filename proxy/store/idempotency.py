@@ -1,0 +1,80 @@
+"""The idempotency store: one small interface, a ``memory`` and a ``redis`` implementation.
+
+A record lives under one id (the scoped key, hashed) and moves through these states:
+
+``pending``         claimed by one request (``owner``) that is executing it; after its lease
+                    runs out without completion it reads as ``unknown`` (the owner may have
+                    crashed after the upstream executed it), never as free
+``done``            completed: holds the response to replay
+``unknown``         the upstream may or may not have executed it (timeout or reset after
+                    sending): answered with a 409 problem until the TTL, never re-forwarded
+``not_replayable``  executed, but the response could not be kept (too large, cut short)
+
+A claim is atomic: exactly one caller gets ``None`` (it owns the record); everyone else gets
+the existing record. Completion and release are compare-and-set on the owner token, so a
+late or duplicate writer can never overwrite another request's record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from proxy.config.schema import Store
+    from proxy.types import Headers
+
+State = Literal["pending", "done", "unknown", "not_replayable"]
+
+
+class StoreUnavailable(Exception):
+    """The store failed or timed out: the caller decides whether to fail open or closed."""
+
+
+@dataclass(slots=True, frozen=True)
+class StoredResponse:
+    """An upstream answer as the client saw it (end-to-end headers only)."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """What a claim found under an id."""
+
+    state: State
+    fingerprint: str
+    owner: str = ""
+    response: StoredResponse | None = None  # when done
+    status: int = 0  # when not_replayable: the status the first client got
+
+
+class IdempotencyStore(Protocol):
+    backend: str
+
+    async def claim(
+        self, key: str, owner: str, fingerprint: str, lease: float, ttl: float
+    ) -> Record | None:
+        """Take ``key`` for ``owner`` (None), or return the record already there."""
+
+    async def finish(self, key: str, owner: str, record: Record, ttl: float) -> bool:
+        """Replace ``owner``'s pending claim by ``record`` kept for ``ttl`` seconds."""
+
+    async def release(self, key: str, owner: str) -> bool:
+        """Delete ``owner``'s claim: the request certainly never reached the upstream."""
+
+
+def open_idempotency_store(config: Store, redis: aioredis.Redis | None) -> IdempotencyStore:
+    """The store selected by ``store.backend`` (process-wide: it survives config reloads)."""
+    if config.backend == "redis":
+        from proxy.store.idempotency_redis import RedisIdempotencyStore
+
+        assert redis is not None
+        return RedisIdempotencyStore(redis, config.key_prefix, config.timeout)
+    from proxy.store.idempotency_memory import MemoryIdempotencyStore
+
+    return MemoryIdempotencyStore(config.max_entries)

@@ -1,0 +1,147 @@
+"""Idempotency records in Redis, shared by every replica (and surviving their restarts).
+
+One hash per record (``s`` state, ``o`` owner token, ``f`` fingerprint, ``l`` lease deadline
+in Redis time, ``r`` payload) and one round trip per operation, each a Lua script so it is
+atomic on the server:
+
+* claim: create the pending record if absent, else return the existing one (so a replay
+  costs a single round trip, and a pending record past its lease reads as ``unknown``,
+  judged by the Redis clock so replicas with skewed clocks agree);
+* finish / release: compare-and-set on the owner token.
+
+Every operation is bounded by ``store.timeout`` as a whole (redis-py's own reconnect retries
+included): a slow Redis is an unavailable one. Scripts are loaded on first use and reloaded
+transparently after a Redis restart (redis-py retries ``NOSCRIPT`` with ``SCRIPT LOAD``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.metrics import STORE_DURATION, STORE_ERRORS
+from proxy.store.idempotency import Record, State, StoredResponse, StoreUnavailable
+from proxy.types import Headers
+
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = redis.call('HMGET', KEYS[1], 's', 'o', 'f', 'l', 'r')
+if not cur[1] then
+  redis.call('HSET', KEYS[1], 's', 'p', 'o', ARGV[1], 'f', ARGV[2], 'l', now + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return false
+end
+if cur[1] == 'p' and tonumber(cur[4]) <= now then cur[1] = 'u' end
+return {cur[1], cur[2], cur[3], cur[5] or ''}
+"""
+_FINISH = """
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 's', ARGV[2], 'r', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+_STATE_CODE: dict[State, bytes] = {
+    "pending": b"p",
+    "done": b"d",
+    "unknown": b"u",
+    "not_replayable": b"n",
+}
+_CODE_STATE: dict[bytes, State] = {code: state for state, code in _STATE_CODE.items()}
+_HEAD = struct.Struct(">HH")  # status, header count
+_FIELD = struct.Struct(">HI")  # name length, value length
+
+
+def encode_response(response: StoredResponse) -> bytes:
+    """status, headers and body in one compact binary string."""
+    parts = [_HEAD.pack(response.status, len(response.headers))]
+    for name, value in response.headers:
+        parts += (_FIELD.pack(len(name), len(value)), name, value)
+    parts.append(response.body)
+    return b"".join(parts)
+
+
+def decode_response(data: bytes) -> StoredResponse:
+    status, count = _HEAD.unpack_from(data)
+    offset = _HEAD.size
+    headers: Headers = []
+    for _ in range(count):
+        name_len, value_len = _FIELD.unpack_from(data, offset)
+        offset += _FIELD.size
+        name = data[offset : offset + name_len]
+        offset += name_len
+        headers.append((name, data[offset : offset + value_len]))
+        offset += value_len
+    return StoredResponse(status, headers, data[offset:])
+
+
+class RedisIdempotencyStore:
+    backend = "redis"
+
+    def __init__(self, redis: aioredis.Redis, key_prefix: str, timeout: float) -> None:
+        self.redis = redis
+        self.prefix = key_prefix + "idem:"
+        self.timeout = timeout
+        self._claim = redis.register_script(_CLAIM)
+        self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
+        self._errors = {op: STORE_ERRORS.labels("redis", f"idempotency_{op}") for op in _OPS}
+        self._durations = {op: STORE_DURATION.labels("redis", f"idempotency_{op}") for op in _OPS}
+
+    async def claim(
+        self, key: str, owner: str, fingerprint: str, lease: float, ttl: float
+    ) -> Record | None:
+        found = await self._run("claim", self._claim, key, owner, fingerprint, _ms(lease), _ms(ttl))
+        if found is None:
+            return None
+        code, found_owner, found_fingerprint, payload = found
+        if found_owner.decode() == owner:
+            return None  # our own claim, seen again after a lost reply: it is ours
+        state = _CODE_STATE[code]
+        record = Record(state, found_fingerprint.decode(), found_owner.decode())
+        if state == "done":
+            return Record(state, record.fingerprint, record.owner, decode_response(payload))
+        if state == "not_replayable":
+            return Record(state, record.fingerprint, record.owner, status=int(payload or 0))
+        return record
+
+    async def finish(self, key: str, owner: str, record: Record, ttl: float) -> bool:
+        if record.state == "done":
+            assert record.response is not None
+            payload = encode_response(record.response)
+        elif record.state == "not_replayable":
+            payload = str(record.status).encode()
+        else:
+            payload = b""
+        code = _STATE_CODE[record.state]
+        return bool(await self._run("finish", self._finish, key, owner, code, payload, _ms(ttl)))
+
+    async def release(self, key: str, owner: str) -> bool:
+        return bool(await self._run("release", self._release, key, owner))
+
+    async def _run(self, op: str, script: object, key: str, *args: object) -> object:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await script(keys=[self.prefix + key], args=args)  # type: ignore[operator]
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._errors[op].inc()
+            raise StoreUnavailable(f"redis {op} failed: {exc!r}") from exc
+        self._durations[op].observe(time.perf_counter() - started)
+        return result
+
+
+_OPS = ("claim", "finish", "release")
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
