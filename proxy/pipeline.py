@@ -3,8 +3,10 @@
 Order, outermost first (a request walks down, the response walks back up):
 
 1. body limit         413 before anything else reads the body      layers/body_limit.py
+2. rate limit         token bucket per client key, 429              layers/rate_limit.py
 3. idempotency        claim/replay keyed requests (inside rate      layers/idempotency.py
                       limiting, so a 429 is never stored)
+4. cache              GET/HEAD replay, coalescing, stale-if-error   layers/cache.py
 5. forward            headers, streaming, 502/504                   forward.py
      └ upstream call: cluster (endpoint choice, pooled HTTP/1.1)    upstream/cluster.py
 
@@ -19,7 +21,9 @@ from proxy.config.schema import Config, Route
 from proxy.forward import Forwarder
 from proxy.headers import TrustedProxies
 from proxy.layers.body_limit import BodyLimitLayer
+from proxy.layers.cache import cache_layer
 from proxy.layers.idempotency import IdempotencyLayer
+from proxy.layers.rate_limit import rate_limit_layer
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
 from proxy.store.idempotency import open_idempotency_store
 from proxy.store.redis_client import open_redis
@@ -34,6 +38,9 @@ class Shared:
         self.store_config = config.store
         self.redis = open_redis(config.store) if config.store.backend == "redis" else None
         self.idempotency = open_idempotency_store(config.store, self.redis)
+        # In-process state of memory-backend stores that must survive reloads (rate-limit
+        # buckets, cached responses), keyed by (feature, route endpoint).
+        self.memory: dict[tuple[str, str], object] = {}
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -77,11 +84,15 @@ def build_route_app(
     max_body = settings.limits.max_body_bytes
     if max_body is None:
         max_body = config.limits.max_body_bytes
+    if settings.cache is not None:
+        app = cache_layer(app, settings.cache, route.endpoint, shared)
     idempotency = settings.idempotency
     if idempotency is not None and idempotency.enabled:
         app = IdempotencyLayer(
             app, idempotency, shared.idempotency, endpoint=route.endpoint, max_body=max_body
         )
+    if settings.rate_limit is not None:
+        app = rate_limit_layer(app, settings.rate_limit, route, shared)
     if max_body is not None:
         app = BodyLimitLayer(app, max_body)
     return app

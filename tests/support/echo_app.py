@@ -11,6 +11,10 @@ Endpoints:
   /orders, /idem/...     POST creates an order: 201 with a new id; ?delay=S waits S seconds,
                          ?size=N pads the answer, ?status=C overrides 201 (calls are counted)
   /flaky?fail=N&of=M&status=503   of every M calls per key, the first N fail
+  /cache/...             JSON with this path's call number (per X-Test-Key) and the request's
+                         Accept and Authorization; the answer obeys X-Respond-* request
+                         headers (Cache-Control, Vary, Set-Cookie, Expires, Status, Delay,
+                         Size), which caches do not key on
   /retry-after?seconds=S&fail=N   like flaky with a Retry-After header
   /healthz               200, or the status set by POST /admin/health?status=503&delay=S
   /stats                 call counts and open-connection/disconnect counts
@@ -95,6 +99,24 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         }
         extra = [(b"location", f"/orders/{order_id}".encode()), (b"set-cookie", b"o=1; Path=/")]
         await _send(send, int(query.get("status", "201")), json.dumps(doc).encode(), extra)
+    elif path.startswith("/cache/"):
+        await _body(receive)
+        if "x-respond-delay" in hmap:
+            await asyncio.sleep(float(hmap["x-respond-delay"]))
+        doc = {
+            "call": calls[f"{scope['method']} {path} {key}"],
+            "path": path,
+            "query": scope["query_string"].decode("latin-1"),
+            "accept": hmap.get("accept"),
+            "authorization": hmap.get("authorization"),
+            "pad": "x" * int(hmap.get("x-respond-size", "0")),
+        }
+        extra = [(b"etag", b'"v1"'), (b"x-upstream-custom", b"kept")]
+        for control in ("cache-control", "vary", "set-cookie", "expires"):
+            if f"x-respond-{control}" in hmap:
+                extra.append((control.encode(), hmap[f"x-respond-{control}"].encode()))
+        status = int(hmap.get("x-respond-status", "200"))
+        await _send(send, status, json.dumps(doc).encode(), extra)
     elif path.startswith("/status/"):
         await _body(receive)
         status = int(path.rsplit("/", 1)[1])
