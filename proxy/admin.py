@@ -17,8 +17,10 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from proxy.app import ProxyState
+from proxy.collectors import register_system_collector
 from proxy.health import UpstreamProber
-from proxy.problem import send_problem
+from proxy.metrics_json import metrics_document
+from proxy.problem import problem_body, send_problem
 from proxy.redact import redacted_config
 from proxy.types import Receive, Scope, Send
 
@@ -32,6 +34,7 @@ class AdminApp:
         self.state = state
         self.prober = prober
         self.started = time.time()
+        register_system_collector()
 
     def _routes(self) -> dict[str, Handler]:
         paths = self.state.runtime.config.admin.paths
@@ -129,11 +132,18 @@ class AdminApp:
         return (503 if status == "fail" else 200), "application/health+json", _json(body)
 
     async def metrics(self, scope: Scope) -> tuple[int, str, bytes]:
+        query = parse_qs(scope["query_string"].decode("latin-1"))
+        wanted = query.get("format", [""])[-1]
+        if wanted == "json":
+            return 200, "application/json", _json(metrics_document(self.state, self.prober))
+        if wanted not in ("", "prometheus", "openmetrics"):
+            detail = f"unknown format {wanted!r}: use json, prometheus or openmetrics"
+            return 400, "application/problem+json", problem_body(400, "bad-format", detail)
         accept = b""
         for name, value in scope["headers"]:
             if name == b"accept":
                 accept = value
-        if b"application/openmetrics-text" in accept:
+        if wanted == "openmetrics" or (not wanted and b"application/openmetrics-text" in accept):
             return 200, OPENMETRICS_TYPE, generate_openmetrics(REGISTRY)
         return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
 

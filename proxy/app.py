@@ -9,6 +9,7 @@ import time
 from proxy.context import RequestContext
 from proxy.forward import ClientDisconnected
 from proxy.headers import new_request_id, valid_request_id
+from proxy.metrics import DRAINING, IN_FLIGHT
 from proxy.pipeline import Runtime
 from proxy.problem import send_problem
 from proxy.types import Message, Receive, Scope, Send
@@ -24,6 +25,8 @@ class ProxyState:
         self.runtime = runtime
         self.draining = False
         self.in_flight = 0
+        IN_FLIGHT.set_function(lambda: self.in_flight)  # read at scrape time: free per request
+        DRAINING.set_function(lambda: float(self.draining))
 
 
 class ProxyApp:

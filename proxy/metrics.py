@@ -7,7 +7,12 @@ other labels come from fixed vocabularies (outcomes, reasons, states).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from proxy.sketch import QuantileSketch
+
+# `*_created` series double the series count and nothing here reads them.
+disable_created_metrics()
 
 # Sub-millisecond through tens of seconds.
 LATENCY_BUCKETS = (
@@ -35,6 +40,18 @@ HTTP_DURATION = Histogram(
     ["method", "endpoint"],
     buckets=LATENCY_BUCKETS,
 )
+
+# Latency per endpoint for the JSON view's p50/p90/p95/p99 (1% relative accuracy, see
+# proxy/sketch.py), shared by every route with that label and kept across reloads.
+LATENCY_SKETCHES: dict[str, QuantileSketch] = {}
+
+
+def latency_sketch(endpoint: str) -> QuantileSketch:
+    sketch = LATENCY_SKETCHES.get(endpoint)
+    if sketch is None:
+        sketch = LATENCY_SKETCHES[endpoint] = QuantileSketch()
+    return sketch
+
 
 # -- sidecar-specific ---------------------------------------------------------------------
 IN_FLIGHT = Gauge("sidecar_requests_in_flight", "Requests being handled by the proxy listener.")
@@ -105,5 +122,7 @@ STORE_DURATION = Histogram(
 CONFIG_RELOADS = Counter(
     "sidecar_config_reloads_total", "Config reload attempts by result (success, error).", ["result"]
 )
+for _result in ("success", "error"):  # both series exist (at 0) before the first reload
+    CONFIG_RELOADS.labels(_result)
 LOOP_LAG = Gauge("sidecar_event_loop_lag_seconds", "Last measured event-loop scheduling delay.")
 DRAINING = Gauge("sidecar_draining", "1 while the sidecar drains before shutdown.")

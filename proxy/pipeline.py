@@ -2,6 +2,8 @@
 
 Order, outermost first (a request walks down, the response walks back up):
 
+0. metrics            counts/times every answer, inner layers' too  layers/metrics.py
+                      (wrapped around the stack in build_runtime, so it stays outermost)
 1. body limit         413 before anything else reads the body      layers/body_limit.py
 2. rate limit         token bucket per client key, 429              layers/rate_limit.py
 3. idempotency        claim/replay keyed requests (inside rate      layers/idempotency.py
@@ -23,6 +25,7 @@ from proxy.headers import TrustedProxies
 from proxy.layers.body_limit import BodyLimitLayer
 from proxy.layers.cache import cache_layer
 from proxy.layers.idempotency import IdempotencyLayer
+from proxy.layers.metrics import MetricsLayer
 from proxy.layers.rate_limit import rate_limit_layer
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
 from proxy.store.idempotency import open_idempotency_store
@@ -69,6 +72,8 @@ def build_runtime(config: Config, shared: Shared) -> Runtime:
     default = CompiledRoute(-1, Route(upstream=config.default_upstream), UNMATCHED, None)
     for route in [*compiled, default]:
         route.app = build_route_app(route, config, clusters, shared)
+        if config.metrics.enabled:
+            route.app = MetricsLayer(route.app, route.endpoint)
     trusted = TrustedProxies(config.trusted_proxies)
     return Runtime(config, Router(compiled, default), clusters, trusted, shared)
 

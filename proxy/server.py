@@ -25,7 +25,9 @@ from proxy.admin import AdminApp
 from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
+from proxy.metrics import CONFIG_RELOADS
 from proxy.pipeline import Runtime, Shared, build_runtime
+from proxy.system import LoopLagMonitor
 
 logger = logging.getLogger("sidecar")
 
@@ -42,7 +44,8 @@ class Sidecar:
         self.shared: Shared
         self.prober = UpstreamProber()
         self.stopping = asyncio.Event()
-        self.reload_listeners: list[ReloadListener] = []
+        self.reload_listeners: list[ReloadListener] = [_count_reload]
+        self.loop_lag = LoopLagMonitor()
         self._signal_time: float | None = None
         self._config_digest = _digest(config_path)
         self._servers: list[uvicorn.Server] = []
@@ -54,6 +57,7 @@ class Sidecar:
         runtime = build_runtime(config, self.shared)
         self.state = ProxyState(runtime)
         self.prober.start(runtime)
+        self.loop_lag.start()
         proxy = _server(ProxyApp(self.state), config.listen.host, config.listen.port, config)
         admin = _server(
             AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config
@@ -124,6 +128,7 @@ class Sidecar:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.shutdown(), timeout=1.0)
         await self.prober.close()
+        self.loop_lag.stop()
         if self.state is not None:
             self.state.runtime.close()
             await self.shared.close()
@@ -169,6 +174,10 @@ class Sidecar:
             if digest is not None and digest != self._config_digest:
                 self._config_digest = digest
                 await self.reload("file changed")
+
+
+def _count_reload(result: str) -> None:
+    CONFIG_RELOADS.labels(result).inc()
 
 
 def _digest(path: str | None) -> str | None:

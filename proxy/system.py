@@ -53,6 +53,10 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def threads() -> int:
+    return _PROCESS.num_threads()
+
+
 def open_fds() -> int:
     try:
         return _PROCESS.num_fds()
