@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -18,7 +17,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from proxy.app import ProxyState
 from proxy.collectors import register_system_collector
-from proxy.health import UpstreamProber
+from proxy.health_monitor import HealthMonitor, parse_include, unknown_checks
 from proxy.metrics_json import metrics_document
 from proxy.problem import problem_body, send_problem
 from proxy.redact import redacted_config
@@ -30,9 +29,10 @@ Handler = Callable[[Scope], Awaitable[tuple[int, str, bytes]]]
 class AdminApp:
     """ASGI app for the admin listener."""
 
-    def __init__(self, state: ProxyState, prober: UpstreamProber) -> None:
+    def __init__(self, state: ProxyState, health: HealthMonitor) -> None:
         self.state = state
-        self.prober = prober
+        self.health_monitor = health
+        self.prober = health.prober
         self.started = time.time()
         register_system_collector()
 
@@ -80,56 +80,27 @@ class AdminApp:
 
     # -- endpoints ----------------------------------------------------------------------
     async def live(self, scope: Scope) -> tuple[int, str, bytes]:
-        return 200, "application/health+json", _json({"status": "pass"})
+        """200 whenever the event loop runs this; never consults a dependency."""
+        body = {"status": "pass", "uptimeSeconds": round(time.time() - self.started, 3)}
+        return 200, "application/health+json", _json(body)
 
     async def ready(self, scope: Scope) -> tuple[int, str, bytes]:
-        failing = self._readiness_failures()
-        if failing:
-            return 503, "application/health+json", _json({"status": "fail", "checks": failing})
-        return 200, "application/health+json", _json({"status": "pass"})
-
-    def _readiness_failures(self) -> dict[str, str]:
-        failing: dict[str, str] = {}
-        if self.state.draining:
-            failing["draining"] = "shutting down: not accepting new traffic"
-        for cluster in self.state.runtime.clusters.values():
-            if not cluster.config.health_check.enabled:
-                continue
-            for endpoint in cluster.endpoints:
-                result = self.prober.results.get(endpoint.url)
-                if result is None:
-                    failing[f"upstream:{cluster.name}"] = f"{endpoint.url}: not probed yet"
-                elif not result.ok:
-                    failing[f"upstream:{cluster.name}"] = f"{endpoint.url}: {result.detail}"
-        return failing
+        status, document = self.health_monitor.readiness()
+        return status, "application/health+json", _json(document)
 
     async def health(self, scope: Scope) -> tuple[int, str, bytes]:
-        checks: dict[str, list[dict[str, Any]]] = {}
-        for cluster in self.state.runtime.clusters.values():
-            for endpoint in cluster.endpoints:
-                result = self.prober.results.get(endpoint.url)
-                checks.setdefault("upstream", []).append(
-                    {
-                        "componentId": f"{cluster.name}:{endpoint.url}",
-                        "status": "warn" if result is None else ("pass" if result.ok else "fail"),
-                        "output": "not probed yet" if result is None else result.detail,
-                        "observedValue": None
-                        if result is None
-                        else round(result.duration * 1000, 3),
-                        "observedUnit": "ms",
-                        "time": None if result is None else _iso(result.checked_at),
-                    }
-                )
         query = parse_qs(scope["query_string"].decode("latin-1"))
-        if "include" in query:
-            wanted = {part for value in query["include"] for part in value.split(",")}
-            checks = {name: value for name, value in checks.items() if name in wanted}
-        statuses = [item["status"] for items in checks.values() for item in items]
-        status = "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
-        if self.state.draining:
-            status = "fail"
-        body = {"status": status, "draining": self.state.draining, "checks": checks}
-        return (503 if status == "fail" else 200), "application/health+json", _json(body)
+        include = parse_include(query["include"]) if "include" in query else None
+        if include is not None:
+            unknown = unknown_checks(include)
+            if unknown:
+                detail = (
+                    f"unknown check(s) {', '.join(unknown)}: "
+                    "use upstream, store, circuit_breakers or system (or check:name)"
+                )
+                return 400, "application/problem+json", problem_body(400, "bad-include", detail)
+        status, document = self.health_monitor.health(include)
+        return status, "application/health+json", _json(document)
 
     async def metrics(self, scope: Scope) -> tuple[int, str, bytes]:
         query = parse_qs(scope["query_string"].decode("latin-1"))
@@ -153,7 +124,3 @@ class AdminApp:
 
 def _json(document: object) -> bytes:
     return json.dumps(document, indent=2).encode() + b"\n"
-
-
-def _iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

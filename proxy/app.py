@@ -3,6 +3,7 @@ route's pipeline. Everything else happens in the layers (see ``proxy/pipeline.py
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -69,6 +70,8 @@ class ProxyApp:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if state.draining:  # even for requests that arrived before the signal
+                    message = _closing(message)
             await send(message)
 
         state.in_flight += 1
@@ -76,6 +79,20 @@ class ProxyApp:
             await route.app(scope, receive, tracking_send)  # type: ignore[misc]
         except ClientDisconnected:
             ctx.error = "client_disconnected"
+        except asyncio.CancelledError:
+            if not state.draining:
+                raise
+            # drain_timeout passed and server.py cancelled what was left: answer if we can
+            # (a response already streaming is cut short), and let the process exit.
+            ctx.error = "draining"
+            if not started:
+                await send_problem(
+                    tracking_send,
+                    503,
+                    "draining",
+                    "the sidecar shut down (drain_timeout) before the upstream answered; "
+                    "the upstream may or may not have processed the request",
+                )
         except UpstreamError:
             if not started:
                 raise
@@ -87,7 +104,15 @@ class ProxyApp:
             logger.exception("unhandled error while proxying %s %s", scope["method"], scope["path"])
             ctx.error = "internal"
             await send_problem(
-                send, 500, "internal-error", "the sidecar failed to handle the request"
+                tracking_send, 500, "internal-error", "the sidecar failed to handle the request"
             )
         finally:
             state.in_flight -= 1
+
+
+def _closing(message: Message) -> Message:
+    """A response head that also says ``Connection: close`` (answers sent while draining)."""
+    headers = list(message.get("headers", ()))
+    if not any(name == b"connection" and b"close" in value.lower() for name, value in headers):
+        headers.append((b"connection", b"close"))
+    return {**message, "headers": headers}

@@ -25,6 +25,7 @@ from proxy.admin import AdminApp
 from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
+from proxy.health_monitor import HealthMonitor
 from proxy.metrics import CONFIG_RELOADS
 from proxy.pipeline import Runtime, Shared, build_runtime
 from proxy.system import LoopLagMonitor
@@ -46,7 +47,9 @@ class Sidecar:
         self.stopping = asyncio.Event()
         self.reload_listeners: list[ReloadListener] = [_count_reload]
         self.loop_lag = LoopLagMonitor()
+        self.health: HealthMonitor
         self._signal_time: float | None = None
+        self._hurry = False  # a second signal: stop waiting
         self._config_digest = _digest(config_path)
         self._servers: list[uvicorn.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -56,19 +59,20 @@ class Sidecar:
         self.shared = Shared(config)
         runtime = build_runtime(config, self.shared)
         self.state = ProxyState(runtime)
-        self.prober.start(runtime)
+        self.health = HealthMonitor(self.state, self.prober, self.loop_lag)
+        self.health.start()  # probes the upstreams (and starts the loop-lag sampler)
         self.loop_lag.start()
         proxy = _server(ProxyApp(self.state), config.listen.host, config.listen.port, config)
         admin = _server(
-            AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config
+            AdminApp(self.state, self.health), config.admin.host, config.admin.port, config
         )
         self._servers = [proxy, admin]
+        self._install_signals()  # before binding: a SIGTERM during startup drains too
         for server in self._servers:
             await server.startup()
             if server.should_exit:  # startup failed (port in use...): uvicorn logged why
                 await self._close()
                 return 1
-        self._install_signals()
         if config.reload.watch and self.config_path:
             self._tasks.append(asyncio.create_task(self._watch_file()))
         logger.info(
@@ -91,43 +95,67 @@ class Sidecar:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP")))
 
     def begin_drain(self, sig: int = signal.SIGTERM) -> None:
+        """Readiness fails from now on; ``serve`` then drains and exits."""
         assert self.state is not None
+        name = signal.Signals(sig).name
         if self.state.draining:
-            logger.warning("second %s: exiting without waiting", signal.Signals(sig).name)
-            self._signal_time = 0.0  # deadline already passed
+            logger.warning("second %s: exiting without waiting for in-flight requests", name)
+            self._hurry = True
             return
-        logger.info("%s: draining (readiness now fails)", signal.Signals(sig).name)
+        shutdown = self.state.runtime.config.shutdown
+        logger.info(
+            "%s: draining: readiness fails, serving %gs more, then waiting for in-flight "
+            "requests until %gs after the signal",
+            name,
+            shutdown.drain_delay,
+            shutdown.drain_timeout,
+        )
         self.state.draining = True
         self._signal_time = time.monotonic()
         self.stopping.set()
 
     async def _drain(self, proxy: uvicorn.Server) -> None:
-        assert self.state is not None and self._signal_time is not None
-        shutdown = self.state.runtime.config.shutdown
-        deadline = self._signal_time + shutdown.drain_timeout
-        # Keep serving (with Connection: close) while load balancers notice readiness.
-        delay_end = self._signal_time + min(shutdown.drain_delay, shutdown.drain_timeout)
-        while time.monotonic() < delay_end and self._signal_time:
-            await asyncio.sleep(min(0.05, max(0.0, delay_end - time.monotonic())))
-        # Stop accepting, then wait for in-flight requests.
+        """Serve for ``drain_delay``, stop accepting, wait for in-flight until ``drain_timeout``."""
+        state = self.state
+        assert state is not None and self._signal_time is not None
+        signalled = self._signal_time
+        shutdown = state.runtime.config.shutdown
+        deadline = signalled + shutdown.drain_timeout
+        # Keep serving new and in-flight requests (every answer says Connection: close)
+        # while load balancers and kube-proxy notice the pod is going away.
+        await self._wait_until(lambda: False, signalled + shutdown.drain_delay)
+        # Stop accepting. Idle keep-alive connections close now, busy ones after their answer.
         for server in proxy.servers:
             server.close()
-        while self.state.in_flight and time.monotonic() < deadline and self._signal_time:
-            await asyncio.sleep(0.01)
-        if self.state.in_flight:
-            logger.warning(
-                "drain timeout: %d request(s) still in flight are cut", self.state.in_flight
-            )
-        logger.info("drained; exiting")
+        for connection in list(proxy.server_state.connections):
+            connection.shutdown()
+        logger.info("stopped accepting; %d request(s) in flight", state.in_flight)
+        await self._wait_until(lambda: not state.in_flight, deadline)
+        if state.in_flight:
+            logger.warning("drain timeout: %d request(s) still in flight are cut", state.in_flight)
+            # Cancelled requests answer 503 `draining` if their response has not started.
+            tasks = list(proxy.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=0.5)
+        logger.info("drained in %.2fs; exiting", time.monotonic() - signalled)
+
+    async def _wait_until(self, done: Callable[[], bool], deadline: float) -> None:
+        """Poll ``done`` until it holds, ``deadline`` passes or a second signal hurries us."""
+        while not self._hurry and not done() and (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.01, left))
 
     async def _close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for server in self._servers:
-            server.force_exit = True
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.shutdown(), timeout=1.0)
-        await self.prober.close()
+            server.force_exit = True  # drained already: do not wait on connections again
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*(server.shutdown() for server in self._servers)), timeout=1.0
+            )
+        await self.health.close()  # closes the prober too
         self.loop_lag.stop()
         if self.state is not None:
             self.state.runtime.close()
@@ -153,7 +181,7 @@ class Sidecar:
                 config = config.model_copy(update={section: getattr(old.config, section)})
         runtime: Runtime = build_runtime(config, self.shared)
         self.state.runtime = runtime
-        self.prober.start(runtime)
+        self.health.reload(runtime)
         asyncio.get_running_loop().call_later(
             config.shutdown.drain_timeout, old.close
         )  # in-flight requests finish on the old pools

@@ -184,8 +184,18 @@ class RouteLimits(Model):
 
 
 class Shutdown(Model):
-    drain_delay: Duration = 5.0
-    drain_timeout: Duration = 25.0
+    drain_delay: Duration = Field(
+        5.0, description="after SIGTERM, keep serving (readiness failing) this long"
+    )
+    drain_timeout: Duration = Field(
+        25.0, description="from SIGTERM, the longest wait for in-flight requests before exit"
+    )
+
+    @model_validator(mode="after")
+    def _delay_within_timeout(self) -> Shutdown:
+        if self.drain_delay > self.drain_timeout:
+            raise ValueError("drain_delay: must be <= drain_timeout")
+        return self
 
 
 class IdempotencyScope(Model):
@@ -277,10 +287,21 @@ class HealthSettings(Model):
         "upstream",
         "store",
     ]
-    memory_warn_ratio: float = Field(0.8, gt=0, le=1)
+    interval: Duration = Field(5.0, gt=0, description="how often the store and system checks run")
+    store_latency_warn: Duration = Field(0.1, description="PING slower than this warns")
+    memory_warn_ratio: float = Field(0.8, gt=0, le=1, description="RSS / container limit")
     memory_fail_ratio: float = Field(0.95, gt=0, le=1)
     loop_lag_warn: Duration = 0.1
     loop_lag_fail: Duration = 1.0
+    cpu_warn_ratio: float = Field(0.9, gt=0, description="share of one core (warn only)")
+
+    @model_validator(mode="after")
+    def _warn_before_fail(self) -> HealthSettings:
+        if self.memory_warn_ratio > self.memory_fail_ratio:
+            raise ValueError("memory_warn_ratio: must be <= memory_fail_ratio")
+        if self.loop_lag_warn > self.loop_lag_fail:
+            raise ValueError("loop_lag_warn: must be <= loop_lag_fail")
+        return self
 
 
 class Metrics(Model):
