@@ -10,7 +10,11 @@ Order, outermost first (a request walks down, the response walks back up):
                       limiting, so a 429 is never stored)
 4. cache              GET/HEAD replay, coalescing, stale-if-error   layers/cache.py
 5. forward            headers, streaming, 502/504                   forward.py
-     └ upstream call: cluster (endpoint choice, pooled HTTP/1.1)    upstream/cluster.py
+     └ upstream call:
+       retry            backoff, timeouts, budget, safety rules;      layers/retry.py
+                        503 circuit-open when every circuit is open
+       └ cluster        endpoint choice skipping open circuits,       upstream/cluster.py
+                        per-endpoint breaker, pooled HTTP/1.1          layers/circuit_breaker.py
 
 Everything is built once per config load; a request allocates no policy objects.
 """
@@ -27,6 +31,8 @@ from proxy.layers.cache import cache_layer
 from proxy.layers.idempotency import IdempotencyLayer
 from proxy.layers.metrics import MetricsLayer
 from proxy.layers.rate_limit import rate_limit_layer
+from proxy.layers.retry import RetryingCall
+from proxy.layers.retry_budget import RetryBudget
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
 from proxy.store.idempotency import open_idempotency_store
 from proxy.store.redis_client import open_redis
@@ -85,7 +91,11 @@ def build_route_app(
     settings = route.config
     cluster = clusters[settings.upstream]
     retry = settings.retry or cluster.config.retry
-    app: ASGIApp = Forwarder(cluster.send, max_buffered_body=retry.max_buffered_body)
+    budget = cluster.retry_budget  # the upstream's, unless the route's retry sets its own
+    if settings.retry is not None and "budget" in settings.retry.model_fields_set:
+        budget = RetryBudget(settings.retry.budget)
+    call = RetryingCall(cluster, retry, budget)
+    app: ASGIApp = Forwarder(call, max_buffered_body=retry.max_buffered_body)
     max_body = settings.limits.max_body_bytes
     if max_body is None:
         max_body = config.limits.max_body_bytes

@@ -87,7 +87,9 @@ class HealthCheck(Model):
 
 class CircuitBreaker(Model):
     enabled: bool = True
-    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    failure_threshold: int | None = Field(
+        5, ge=1, description="consecutive failures that open it; null: ratio mode only"
+    )
     failure_ratio: float | None = Field(
         None, gt=0, le=1, description="also open when this share of the window failed"
     )
@@ -97,6 +99,11 @@ class CircuitBreaker(Model):
     open_timeout: Duration = 60.0
     half_open_max_requests: int = Field(1, ge=1)
     failure_on: list[str] = ["connect-failure", "reset", "timeout", "5xx"]
+
+    @field_validator("failure_on", mode="before")
+    @classmethod
+    def _failure_codes_as_text(cls, value: object) -> object:
+        return _status_codes_as_text(value)
 
     @field_validator("failure_on")
     @classmethod
@@ -108,6 +115,12 @@ class CircuitBreaker(Model):
                     "or a status code)"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> CircuitBreaker:
+        if self.failure_threshold is None and self.failure_ratio is None:
+            raise ValueError("failure_threshold: give it, failure_ratio, or both")
+        return self
 
 
 class RetryBudget(Model):
@@ -125,6 +138,11 @@ class Retry(Model):
     retry_on: list[str] = ["connect-failure", "reset", "502", "503", "504"]
     budget: RetryBudget = RetryBudget()
     max_buffered_body: Size = Field(65536, description="larger request bodies are sent once")
+
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _retry_codes_as_text(cls, value: object) -> object:
+        return _status_codes_as_text(value)
 
     @field_validator("retry_on")
     @classmethod
@@ -358,6 +376,13 @@ class Config(Model):
         if self.listen.port and self.listen.port == self.admin.port:
             raise ValueError("admin.port: must differ from listen.port")
         return self
+
+
+def _status_codes_as_text(value: object) -> object:
+    """YAML reads ``[reset, 503]`` as a string and an int: accept codes written either way."""
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 def _is_status(item: str) -> bool:
