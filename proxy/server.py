@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -259,5 +258,4 @@ def run(config: Config, config_path: str | None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    os.environ.setdefault("PYTHONASYNCIODEBUG", "0")
     return runner(Sidecar(config, config_path).serve())
