@@ -9,6 +9,7 @@ test can change what the upstream says without changing the cache key.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -356,3 +357,22 @@ async def test_redis_errors_behave_as_misses_and_never_fail_the_request(
     assert upstream_calls(echo_upstream, "GET", path, key) == 2
     errors = metric(sidecar, "sidecar_store_errors_total", backend="redis", operation="cache_get")
     assert errors >= 1
+
+
+def test_the_memory_cache_survives_a_config_reload(
+    echo_upstream: Upstream, redis_server: RedisServer, start_sidecar: Callable[..., Sidecar]
+) -> None:
+    cfg = basic_config(
+        echo_upstream.url, routes=[{"match": {"path_prefix": "/cache/"}, "cache": {"ttl": "30s"}}]
+    )
+    sidecar = start_sidecar(cfg, wait_ready=True)
+    path, key = unique_path(), uuid.uuid4().hex
+    with httpx.Client(base_url=sidecar.url, timeout=10) as client:
+        assert client.get(path, headers={"x-test-key": key}).headers["x-cache"] == "MISS"
+        sidecar.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config reloaded" not in sidecar.output():
+            assert time.monotonic() < deadline, "no reload logged"
+            time.sleep(0.05)
+        assert client.get(path, headers={"x-test-key": key}).headers["x-cache"] == "HIT"
+    assert upstream_calls(echo_upstream, "GET", path, key) == 1

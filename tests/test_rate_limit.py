@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -264,3 +265,22 @@ async def test_redis_failure_fails_open_by_default_or_closed_when_configured(
     assert (
         metric(sidecar, "sidecar_store_errors_total", backend="redis", operation="rate_limit") >= 2
     )
+
+
+def wait_for_reload(sidecar: Sidecar, count: int = 1) -> None:
+    deadline = time.monotonic() + 10
+    while sidecar.output().count("config reloaded") < count:
+        assert time.monotonic() < deadline, "no reload logged"
+        time.sleep(0.05)
+
+
+async def test_memory_buckets_survive_a_config_reload(
+    echo_upstream: Upstream, redis_server: RedisServer, start_sidecar: Callable[..., Sidecar]
+) -> None:
+    limit = {"requests_per_second": 0.1, "burst": 2}
+    sidecar = start_sidecar(config(echo_upstream, "memory", redis_server.url, limit))
+    async with httpx.AsyncClient(base_url=sidecar.url, timeout=10) as client:
+        assert [(await client.get("/echo")).status_code for _ in range(3)] == [200, 200, 429]
+        sidecar.signal(signal.SIGHUP)
+        wait_for_reload(sidecar)
+        assert (await client.get("/echo")).status_code == 429  # not a fresh bucket
