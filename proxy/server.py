@@ -25,6 +25,7 @@ from proxy.admin import AdminApp
 from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
+from proxy.http_protocol import protocol_for
 from proxy.pipeline import Runtime, Shared, build_runtime
 
 logger = logging.getLogger("sidecar")
@@ -54,7 +55,9 @@ class Sidecar:
         runtime = build_runtime(config, self.shared)
         self.state = ProxyState(runtime)
         self.prober.start(runtime)
-        proxy = _server(ProxyApp(self.state), config.listen.host, config.listen.port, config)
+        proxy = _server(
+            ProxyApp(self.state), config.listen.host, config.listen.port, config, protocol_for(config.limits)
+        )
         admin = _server(
             AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config
         )
@@ -180,13 +183,16 @@ def _digest(path: str | None) -> str | None:
         return None
 
 
-def _server(app: object, host: str, port: int, config: Config) -> uvicorn.Server:
+def _server(
+    app: object, host: str, port: int, config: Config, protocol: type | None = None
+) -> uvicorn.Server:
     server_config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=protocol or "httptools",
+        ws="none",
         lifespan="off",
         access_log=config.logging.access_log,
         server_header=False,
