@@ -56,7 +56,11 @@ class Sidecar:
         self.state = ProxyState(runtime)
         self.prober.start(runtime)
         proxy = _server(
-            ProxyApp(self.state), config.listen.host, config.listen.port, config, protocol_for(config.limits)
+            ProxyApp(self.state),
+            config.listen.host,
+            config.listen.port,
+            config,
+            protocol_for(config.limits),
         )
         admin = _server(
             AdminApp(self.state, self.prober), config.admin.host, config.admin.port, config

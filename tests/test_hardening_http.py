@@ -251,3 +251,15 @@ def test_many_concurrent_clients_are_all_served(sidecar: Sidecar) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         assert set(pool.map(one, range(200))) == {200}
+
+
+def test_close_delimited_upstream_body_is_relayed_whole(start_sidecar) -> None:
+    upstream = RawUpstream(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody until close")
+    try:
+        config = basic_config(f"http://127.0.0.1:{upstream.port}")
+        proxy = start_sidecar(config)
+        response = httpx.get(proxy.url + "/x")
+        assert response.status_code == 200
+        assert response.content == b"body until close"
+    finally:
+        upstream.close()

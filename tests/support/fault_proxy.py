@@ -66,25 +66,20 @@ class FaultProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open += 1
-        fault = self.fault
         try:
-            if fault.kind == "refuse":
+            if self.fault.kind == "refuse":
                 _reset(writer)
-                return
-            if fault.kind == "blackhole":
-                while await reader.read(65536):
-                    pass
                 return
             try:
                 up_reader, up_writer = await asyncio.open_connection(*self.target)
             except OSError:
                 _reset(writer)
                 return
-            upstream = asyncio.ensure_future(self._pipe(reader, up_writer, None))
+            requests = asyncio.ensure_future(self._forward_requests(reader, up_writer, writer))
             try:
-                await self._pipe(up_reader, writer, fault)
+                await self._forward_responses(up_reader, writer)
             finally:
-                upstream.cancel()
+                requests.cancel()
                 up_writer.close()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -93,24 +88,42 @@ class FaultProxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fault: Fault | None
+    async def _forward_requests(
+        self,
+        reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        writer: asyncio.StreamWriter,
     ) -> None:
+        """Client → target; the fault in force when each chunk arrives applies to it."""
+        while data := await reader.read(65536):
+            kind = self.fault.kind
+            if kind == "refuse":
+                _reset(writer)
+                return
+            if kind == "blackhole":
+                continue  # swallowed: the target never hears of it
+            up_writer.write(data)
+            await up_writer.drain()
+        with contextlib.suppress(Exception):
+            up_writer.write_eof()
+
+    async def _forward_responses(
+        self, up_reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Target → client, through the fault in force (counted per connection)."""
         sent = 0
         while True:
-            data = await reader.read(65536)
+            data = await up_reader.read(65536)
             if not data:
                 with contextlib.suppress(Exception):
                     writer.write_eof()
                 return
-            if fault is None or fault.kind == "none":
-                writer.write(data)
-            elif fault.kind == "latency":
+            fault = self.fault
+            if fault.kind == "latency":
                 await asyncio.sleep(fault.latency)
-                writer.write(data)
             elif fault.kind in ("reset", "close_after"):
                 room = fault.after_bytes - sent
-                if room <= 0 or len(data) > room:
+                if len(data) >= room:
                     writer.write(data[: max(room, 0)])
                     await writer.drain()
                     if fault.kind == "reset":
@@ -118,12 +131,15 @@ class FaultProxy:
                     else:
                         writer.close()
                     return
-                writer.write(data)
             elif fault.kind == "slow":
-                for i in range(0, len(data), int(fault.slow_chunk)):
-                    writer.write(data[i : i + int(fault.slow_chunk)])
+                step = int(fault.slow_chunk)
+                for i in range(0, len(data), step):
+                    writer.write(data[i : i + step])
                     await writer.drain()
                     await asyncio.sleep(fault.slow_delay)
+                sent += len(data)
+                continue
+            writer.write(data)
             sent += len(data)
             await writer.drain()
 
