@@ -45,6 +45,15 @@ class ProxyApp:
             return
         state = self.state
         runtime = state.runtime
+        if _is_websocket_upgrade(scope["headers"]):
+            await send_problem(
+                send,
+                501,
+                "websocket-unsupported",
+                "WebSocket upgrades are not proxied by this sidecar; connect to the upstream directly",
+                [(b"connection", b"close")],
+            )
+            return
         route = runtime.router.match(scope["method"], scope["path"])
         client = scope.get("client")
         peer = client[0] if client else "unknown"
@@ -116,3 +125,10 @@ def _closing(message: Message) -> Message:
     if not any(name == b"connection" and b"close" in value.lower() for name, value in headers):
         headers.append((b"connection", b"close"))
     return {**message, "headers": headers}
+
+
+def _is_websocket_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"upgrade" and value.lower() == b"websocket":
+            return True
+    return False

@@ -83,9 +83,14 @@ class Forwarder:
         if req.chunked:
             if scope.get("sidecar.body") is not None:
                 body = scope["sidecar.body"]
+            else:
+                # Like nginx's request buffering, but bounded: a small chunked body is read
+                # whole first, so a framing error or a size limit is caught before the
+                # upstream sees anything, and it is sent with a Content-Length.
+                body = await _buffer_or_stream(receive, self.max_buffered_body)
+            if isinstance(body, bytes):
                 length = len(body)
             else:
-                body = _stream(receive)
                 chunked = True
         elif length:
             buffered = scope.get("sidecar.body")
@@ -188,6 +193,31 @@ async def _read_body(receive: Receive) -> bytes:
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+async def _buffer_or_stream(receive: Receive, limit: int) -> bytes | AsyncIterator[bytes]:
+    """The whole body if it ends within ``limit`` bytes, else a stream of all of it."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        parts.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+        if size > limit:
+            return _chain(parts, receive)
+
+
+async def _chain(prefix: list[bytes], receive: Receive) -> AsyncIterator[bytes]:
+    for chunk in prefix:
+        if chunk:
+            yield chunk
+    async for chunk in _stream(receive):
+        yield chunk
 
 
 async def _stream(receive: Receive) -> AsyncIterator[bytes]:

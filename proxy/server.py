@@ -25,6 +25,7 @@ from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
 from proxy.health_monitor import HealthMonitor
+from proxy.http_protocol import protocol_for
 from proxy.metrics import CONFIG_RELOADS
 from proxy.pipeline import Runtime, Shared, build_runtime
 from proxy.system import LoopLagMonitor
@@ -61,7 +62,13 @@ class Sidecar:
         self.health = HealthMonitor(self.state, self.prober, self.loop_lag)
         self.health.start()  # probes the upstreams (and starts the loop-lag sampler)
         self.loop_lag.start()
-        proxy = _server(ProxyApp(self.state), config.listen.host, config.listen.port, config)
+        proxy = _server(
+            ProxyApp(self.state),
+            config.listen.host,
+            config.listen.port,
+            config,
+            protocol_for(config.limits),
+        )
         admin = _server(
             AdminApp(self.state, self.health), config.admin.host, config.admin.port, config
         )
@@ -216,13 +223,16 @@ def _digest(path: str | None) -> str | None:
         return None
 
 
-def _server(app: object, host: str, port: int, config: Config) -> uvicorn.Server:
+def _server(
+    app: object, host: str, port: int, config: Config, protocol: type | None = None
+) -> uvicorn.Server:
     server_config = uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
         loop="none",
-        http="httptools",
+        http=protocol or "httptools",
+        ws="none",
         lifespan="off",
         access_log=config.logging.access_log,
         server_header=False,

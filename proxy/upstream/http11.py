@@ -100,11 +100,10 @@ class Connection(asyncio.Protocol):
         self.closed = True
         response = self._response
         if response is not None and not response.complete:
-            try:
-                self.parser.feed_eof()  # a body delimited by close ends here
-            except httptools.HttpParserError:
-                pass
-            if not response.complete:
+            if response.status and response.close_delimited and exc is None:
+                response.keep_alive = False
+                response.finish()  # a body without length or chunking ends at close
+            else:
                 reason = f": {exc}" if exc else ""
                 response.fail(ConnectionReset(f"upstream closed the connection{reason}", sent=True))
         waiter = self._drain_waiter
@@ -137,6 +136,11 @@ class Connection(asyncio.Protocol):
         if response.head_only or status in (204, 304):
             response.no_body = True
             response.finish()
+        else:
+            response.close_delimited = not any(
+                name == b"content-length" or name == b"transfer-encoding"
+                for name, _ in response.headers
+            )
         response.head_ready()
 
     def on_body(self, body: bytes) -> None:
@@ -189,7 +193,7 @@ class Response:
 
     __slots__ = (
         "_chunks", "_conn", "_head_waiter", "_idle_timeout", "_released", "_waiter",
-        "buffered", "complete", "error", "head_only", "headers", "keep_alive", "no_body",
+        "buffered", "close_delimited", "complete", "error", "head_only", "headers", "keep_alive", "no_body",
         "received_any", "status",
     )  # fmt: skip
 
@@ -205,6 +209,7 @@ class Response:
         self.headers: Headers = []
         self.keep_alive = False
         self.no_body = False
+        self.close_delimited = False
         self.complete = False
         self.received_any = False
         self.error: UpstreamError | None = None

@@ -1,0 +1,235 @@
+"""The proxy listener's HTTP/1.1 server protocol: uvicorn's httptools protocol, hardened.
+
+uvicorn leaves several protections to the application: it has no limit on header size or
+count (httptools' is not tunable), no deadline for a request head, no idle timeout for a
+request body, and it accepts requests without ``Host``. A proxy is the first thing every
+request touches, so this subclass enforces them at the codec, like Envoy's and nginx's:
+
+* request head bytes (``max_header_bytes``) and header count (``max_headers``) → 431;
+  request target length (``max_url_bytes``) → 414;
+* a head not complete within ``request_headers_timeout`` of its first byte (or of the
+  connection opening) → 408 and close: slowloris connections are shed;
+* no body progress for ``body_idle_timeout`` → 408 and close;
+* HTTP/1.1 without exactly one ``Host`` → 400;
+* everything llhttp refuses (``Content-Length`` with ``Transfer-Encoding``, differing
+  duplicate ``Content-Length``, a ``Transfer-Encoding`` other than chunked, bad chunk
+  framing, obs-fold, whitespace before a colon...) → 400.
+
+Every refusal is an ``application/problem+json`` answer followed by closing the connection,
+so nothing after a malformed request on the same connection (a smuggled request) is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from proxy.config.schema import Limits
+from proxy.problem import problem_body
+
+logger = logging.getLogger("sidecar.http")
+
+
+class RequestRejected(Exception):
+    """Raised from a parser callback to stop parsing and answer ``status``."""
+
+    def __init__(self, status: int, slug: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+
+
+class HardenedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with request limits and deadlines."""
+
+    limits: Limits = Limits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host_count = 0
+        self._transfer_encoding: bytes | None = None
+        self._in_head = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._rejected = False
+
+    # -- connection ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # A connection that never sends a complete head is closed like a slow one.
+        self._arm(self.limits.request_headers_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        if self._in_head or self.cycle is None or self.cycle.response_complete:
+            self._head_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except RequestRejected as exc:
+            self.reject(exc.status, exc.slug, exc.detail)
+        except httptools.HttpParserUpgrade:
+            # Upgrade requests are answered by the app (WebSocket is refused there);
+            # any bytes after the head are not HTTP/1.1 and are not read.
+            pass
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, RequestRejected):
+                self.reject(cause.status, cause.slug, cause.detail)
+            else:
+                self.reject(400, "malformed-request", f"malformed HTTP request: {exc}")
+        else:
+            # Bytes of a head still arriving: bound them even before a header completes.
+            if (
+                self._in_head
+                and self._head_bytes
+                > self.limits.max_header_bytes + self.limits.max_url_bytes + 4096
+            ):
+                self.reject(431, "headers-too-large", "request head exceeds the size limit")
+
+    # -- parser callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host_count = 0
+        self._transfer_encoding: bytes | None = None
+        self._arm(self.limits.request_headers_timeout, self._head_timed_out)
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_url_bytes:
+            raise RequestRejected(
+                414, "uri-too-long", f"request target exceeds {self.limits.max_url_bytes} bytes"
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            raise RequestRejected(
+                431, "too-many-headers", f"more than {self.limits.max_headers} request headers"
+            )
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise RequestRejected(
+                431,
+                "headers-too-large",
+                f"request headers exceed {self.limits.max_header_bytes} bytes",
+            )
+        lower = name.lower()
+        if lower == b"host":
+            self._host_count += 1
+        elif lower == b"transfer-encoding":
+            self._transfer_encoding = value
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self.parser.get_http_version() == "1.1" and self._host_count != 1:
+            problem = "missing" if self._host_count == 0 else "duplicate"
+            raise RequestRejected(400, "bad-host", f"HTTP/1.1 request with {problem} Host header")
+        coding = self._transfer_encoding
+        if coding is not None and coding.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            # llhttp refuses this too, but only after the app has been started.
+            raise RequestRejected(
+                400, "bad-transfer-encoding", "Transfer-Encoding must end with chunked"
+            )
+        super().on_headers_complete()
+        if self._expects_body():
+            self._arm(self.limits.body_idle_timeout, self._body_timed_out)
+        else:
+            self._disarm()
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm(self.limits.body_idle_timeout, self._body_timed_out)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    # -- refusals -----------------------------------------------------------------------
+    def _expects_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"content-length":
+                return value.strip() != b"0"
+            if name == b"transfer-encoding":
+                return True
+        return False
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.cycle is not None and not self.cycle.response_complete and not self._in_head:
+            return  # a request is being served; its body has its own timer
+        if self._head_bytes == 0 and not self._in_head:
+            # Nothing sent at all: just close, as for an idle keep-alive connection.
+            self.transport.close()
+            return
+        self.reject(408, "request-timeout", "request headers not received in time")
+
+    def _body_timed_out(self) -> None:
+        self._deadline = None
+        self.reject(408, "request-timeout", "request body stalled past the idle timeout")
+
+    def reject(self, status: int, slug: str, detail: str) -> None:
+        """Answer ``status`` (unless a response already started) and close the connection."""
+        self._rejected = True
+        self._disarm()
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_complete:
+            # The app (if running) sees a disconnect; its later sends are dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if self.transport.is_closing():
+            return
+        if not started:
+            body = problem_body(status, slug, detail)
+            self.transport.write(
+                b"".join(
+                    [
+                        STATUS_LINE[status],
+                        b"content-type: application/problem+json\r\n",
+                        b"content-length: %d\r\n" % len(body),
+                        b"connection: close\r\n\r\n",
+                        body,
+                    ]
+                )
+            )
+        logger.info(
+            "refused request from %s: %d %s", self.client and self.client[0], status, detail
+        )
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        self.reject(400, "malformed-request", msg)
+
+    # -- timers -------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Any) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+
+def protocol_for(limits: Limits) -> type[HardenedHttpProtocol]:
+    """A protocol class bound to ``limits`` (uvicorn instantiates the class it is given)."""
+    return type("SidecarHttpProtocol", (HardenedHttpProtocol,), {"limits": limits})
