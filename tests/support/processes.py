@@ -143,12 +143,28 @@ class Sidecar(Process):
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, wait_ready: bool = False) -> Sidecar:
-        super().start()
-        wait_for_port(self.port, self.proc)
-        wait_for_port(self.admin_port, self.proc)
+        for attempt in range(3):
+            super().start()
+            try:
+                wait_for_port(self.port, self.proc)
+                wait_for_port(self.admin_port, self.proc)
+                break
+            except RuntimeError:
+                # A free port can be taken by another process between our probe and the
+                # bind: choose new ports and try again; any other early exit is an error.
+                if "address already in use" not in self.output() or attempt == 2:
+                    raise RuntimeError(f"sidecar exited early:\n{self.output()}") from None
+                self._choose_new_ports()
         if wait_ready:
             self.wait_ready()
         return self
+
+    def _choose_new_ports(self) -> None:
+        self.config["listen"]["port"] = self.port = free_port()
+        self.config["admin"]["port"] = self.admin_port = free_port()
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
