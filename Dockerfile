@@ -4,8 +4,9 @@
 # selected with a command override: `docker run --entrypoint restaurant-api IMAGE serve`, or
 # `command: [restaurant-api]` in Kubernetes).
 #
-#   docker build -t sidecar:0.1.0 .
-#   docker run --rm -p 8080:8080 -p 9901:9901 -e SIDECAR_ADMIN_HOST=0.0.0.0 sidecar:0.1.0
+#   docker build -t sidecar:0.1.0 .        (BuildKit: the default since Docker 23)
+#   docker run --rm -p 8080:8080 -p 9901:9901 -e SIDECAR_ADMIN_HOST=0.0.0.0 \
+#     -e UPSTREAM_URL=http://HOST:3000 sidecar:0.1.0
 #
 # Stage 1 builds wheels for the project and every dependency (with a compiler at hand in
 # case a dependency has no wheel for the target platform); stage 2 installs those wheels
