@@ -46,12 +46,13 @@ class Shared:
     def __init__(self, config: Config) -> None:
         self.store_config = config.store
         self.redis = open_redis(config.store) if config.store.backend == "redis" else None
-        self.idempotency = open_idempotency_store(config.store, self.redis)
+        self.idempotency = open_idempotency_store(config.store)
         # In-process state of memory-backend stores that must survive reloads (rate-limit
         # buckets, cached responses), keyed by (feature, route endpoint).
         self.memory: dict[tuple[str, str], object] = {}
 
     async def close(self) -> None:
+        self.idempotency.close()
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -18,6 +18,7 @@ from proxy.store.idempotency_redis import (
     decode_response,
     encode_response,
 )
+from proxy.store.redis_pipe import RedisPipe
 from tests.support.processes import RedisServer, free_port
 
 RESPONSE = StoredResponse(
@@ -33,9 +34,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[IdempotencyStor
         yield MemoryIdempotencyStore(max_entries=1000)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
-    client = aioredis.Redis.from_url(server.url)
-    yield RedisIdempotencyStore(client, f"test-{uuid.uuid4().hex}:", timeout=2.0)
-    await client.aclose()
+    store = RedisIdempotencyStore(RedisPipe(server.url, 2.0), f"test-{uuid.uuid4().hex}:")
+    yield store
+    store.close()
 
 
 async def test_exactly_one_of_many_concurrent_claims_wins(store: IdempotencyStore) -> None:
@@ -115,7 +116,7 @@ async def test_memory_store_evicts_the_least_recently_used_beyond_its_bound() ->
 
 async def test_redis_claim_retried_by_its_owner_is_still_its_own(redis_server) -> None:
     client = aioredis.Redis.from_url(redis_server.url)
-    store = RedisIdempotencyStore(client, f"test-{uuid.uuid4().hex}:", timeout=2.0)
+    store = RedisIdempotencyStore(RedisPipe(redis_server.url, 2.0), f"test-{uuid.uuid4().hex}:")
     assert await store.claim("k", "me", "fp", lease=30, ttl=60) is None
     assert await store.claim("k", "me", "fp", lease=30, ttl=60) is None  # lost reply, retried
     found = await store.claim("k", "other", "fp", lease=30, ttl=60)
@@ -123,23 +124,21 @@ async def test_redis_claim_retried_by_its_owner_is_still_its_own(redis_server) -
     ttl_ms = await client.pttl(f"{store.prefix}k")
     assert 0 < ttl_ms <= 60_000  # pending records expire with the TTL, not the lease
     await client.aclose()
+    store.close()
 
 
 async def test_unreachable_redis_fails_within_the_store_timeout() -> None:
-    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    store = RedisIdempotencyStore(client, "test:", timeout=0.3)
+    store = RedisIdempotencyStore(RedisPipe(f"redis://127.0.0.1:{free_port()}/0", 0.3), "test:")
     before = STORE_ERRORS.labels("redis", "idempotency_claim")._value.get()
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
         await store.claim("k", "me", "fp", lease=30, ttl=60)
     assert time.monotonic() - started < 5  # bounded (redis-py's own retries are cut short)
     assert STORE_ERRORS.labels("redis", "idempotency_claim")._value.get() == before + 1
-    await client.aclose()
 
 
 async def test_redis_store_works_again_after_a_redis_restart(own_redis: RedisServer) -> None:
-    client = aioredis.Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
-    store = RedisIdempotencyStore(client, "test:", timeout=1.0)
+    store = RedisIdempotencyStore(RedisPipe(own_redis.url, 1.0), "test:")
     assert await store.claim("before", "me", "fp", lease=30, ttl=60) is None
     own_redis.kill()
     with pytest.raises(StoreUnavailable):
@@ -149,7 +148,7 @@ async def test_redis_store_works_again_after_a_redis_restart(own_redis: RedisSer
     assert await store.finish("after", "me", Record("done", "fp", response=RESPONSE), 60)
     found = await store.claim("after", "x", "fp", lease=30, ttl=60)
     assert found is not None and found.response == RESPONSE
-    await client.aclose()
+    store.close()
 
 
 def test_response_codec_round_trips_headers_and_binary_bodies() -> None:

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from proxy.config.schema import Store
     from proxy.types import Headers
 
@@ -67,14 +65,18 @@ class IdempotencyStore(Protocol):
     async def release(self, key: str, owner: str) -> bool:
         """Delete ``owner``'s claim: the request certainly never reached the upstream."""
 
+    def close(self) -> None:
+        """Let go of connections (process shutdown)."""
 
-def open_idempotency_store(config: Store, redis: aioredis.Redis | None) -> IdempotencyStore:
+
+def open_idempotency_store(config: Store) -> IdempotencyStore:
     """The store selected by ``store.backend`` (process-wide: it survives config reloads)."""
     if config.backend == "redis":
         from proxy.store.idempotency_redis import RedisIdempotencyStore
+        from proxy.store.redis_pipe import RedisPipe
 
-        assert redis is not None
-        return RedisIdempotencyStore(redis, config.key_prefix, config.timeout)
+        assert config.url
+        return RedisIdempotencyStore(RedisPipe(config.url, config.timeout), config.key_prefix)
     from proxy.store.idempotency_memory import MemoryIdempotencyStore
 
     return MemoryIdempotencyStore(config.max_entries)

@@ -70,6 +70,9 @@ class MemoryIdempotencyStore:
         del self._entries[key]
         return True
 
+    def close(self) -> None:
+        self._entries.clear()
+
     def _owned(self, key: str, owner: str) -> _Entry | None:
         entry = self._entries.get(key)
         if entry is None or entry.record.owner != owner:

@@ -9,22 +9,23 @@ atomic on the server:
   judged by the Redis clock so replicas with skewed clocks agree);
 * finish / release: compare-and-set on the owner token.
 
-Every operation is bounded by ``store.timeout`` as a whole (redis-py's own reconnect retries
-included): a slow Redis is an unavailable one. Scripts are loaded on first use and reloaded
-transparently after a Redis restart (redis-py retries ``NOSCRIPT`` with ``SCRIPT LOAD``).
+Commands go through :class:`~proxy.store.redis_pipe.RedisPipe` (one pipelined connection,
+see there why not redis-py on this hot path). Scripts run by ``EVALSHA``; after a Redis
+restart emptied its script cache, the ``NOSCRIPT`` answer is followed by one ``EVAL`` that
+reloads it. Every command is bounded by ``store.timeout``: a slow Redis is an unavailable
+one.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import struct
 import time
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import Any
 
 from proxy.metrics import STORE_DURATION, STORE_ERRORS
 from proxy.store.idempotency import Record, State, StoredResponse, StoreUnavailable
+from proxy.store.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable
 from proxy.types import Headers
 
 _CLAIM = """
@@ -84,16 +85,23 @@ def decode_response(data: bytes) -> StoredResponse:
     return StoredResponse(status, headers, data[offset:])
 
 
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
 class RedisIdempotencyStore:
     backend = "redis"
 
-    def __init__(self, redis: aioredis.Redis, key_prefix: str, timeout: float) -> None:
-        self.redis = redis
+    def __init__(self, pipe: RedisPipe, key_prefix: str) -> None:
+        self.pipe = pipe
         self.prefix = key_prefix + "idem:"
-        self.timeout = timeout
-        self._claim = redis.register_script(_CLAIM)
-        self._finish = redis.register_script(_FINISH)
-        self._release = redis.register_script(_RELEASE)
+        self._claim = _Script(_CLAIM)
+        self._finish = _Script(_FINISH)
+        self._release = _Script(_RELEASE)
         self._errors = {op: STORE_ERRORS.labels("redis", f"idempotency_{op}") for op in _OPS}
         self._durations = {op: STORE_DURATION.labels("redis", f"idempotency_{op}") for op in _OPS}
 
@@ -128,14 +136,22 @@ class RedisIdempotencyStore:
     async def release(self, key: str, owner: str) -> bool:
         return bool(await self._run("release", self._release, key, owner))
 
-    async def _run(self, op: str, script: object, key: str, *args: object) -> object:
+    def close(self) -> None:
+        self.pipe.close()
+
+    async def _run(self, op: str, script: _Script, key: str, *args: Any) -> Any:
         started = time.perf_counter()
+        name = self.prefix + key
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await script(keys=[self.prefix + key], args=args)  # type: ignore[operator]
-        except (RedisError, OSError, TimeoutError) as exc:
+            try:
+                result = await self.pipe.execute(b"EVALSHA", script.sha, 1, name, *args)
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                result = await self.pipe.execute(b"EVAL", script.source, 1, name, *args)
+        except (RedisUnavailable, RedisReplyError) as exc:
             self._errors[op].inc()
-            raise StoreUnavailable(f"redis {op} failed: {exc!r}") from exc
+            raise StoreUnavailable(f"redis {op} failed: {exc}") from exc
         self._durations[op].observe(time.perf_counter() - started)
         return result
 
