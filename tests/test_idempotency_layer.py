@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from proxy.config.loader import ConfigError, parse_config
 from proxy.config.schema import Idempotency
 from proxy.context import RequestContext
 from proxy.layers.idempotency import IdempotencyLayer
@@ -438,3 +439,23 @@ async def test_store_failure_can_be_configured_to_fail_open() -> None:
     assert result.status == 201 and result.header(b"x-idempotency-key") == b"k1"
     assert len(upstream.calls) == 1
     assert upstream.calls[0]["sidecar"].idempotency_key is None  # no claim: not retryable
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+def test_idempotency_settings_are_validated_with_their_field_path() -> None:
+    text = """
+routes:
+  - match: {path_prefix: /orders}
+    idempotency: {ttl: 10s, lease: 1m, methods: [POST, FETCH], headers: []}
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "f.yaml", {})
+    assert sorted(str(caught.value).splitlines()) == [
+        "f.yaml: routes[0].idempotency.headers: name at least one header carrying the key",
+        "f.yaml: routes[0].idempotency.methods: unknown HTTP method 'FETCH'",
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_config("routes: [{idempotency: {ttl: 10s, lease: 1m}}]", "f.yaml", {})
+    assert str(caught.value) == "f.yaml: routes[0].idempotency.lease: must not exceed ttl"

@@ -244,6 +244,20 @@ class Idempotency(Model):
     def _methods(cls, value: list[str]) -> list[str]:
         return _check_methods(value)
 
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one header carrying the key")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_within_ttl(self) -> Idempotency:
+        # A claim kept shorter than its lease could vanish while its request still runs.
+        if self.lease > self.ttl:
+            raise ValueError("lease: must not exceed ttl")
+        return self
+
 
 class RateLimit(Model):
     requests_per_second: float = Field(gt=0)
