@@ -107,12 +107,16 @@ class Forwarder:
         elif length is not None or method in ("POST", "PUT", "PATCH"):
             req.headers.append((b"content-length", str(length or 0).encode()))
 
-        replayable = (
-            not chunked
-            and not isinstance(body, AsyncIterator)
-            and (method in IDEMPOTENT_METHODS or ctx.idempotency_key is not None)
+        buffered = not chunked and not isinstance(body, AsyncIterator)
+        request = UpstreamRequest(
+            method,
+            target,
+            req.headers,
+            body,
+            chunked,
+            replayable=buffered and method in IDEMPOTENT_METHODS,
+            keyed=buffered and ctx.idempotency_key is not None,
         )
-        request = UpstreamRequest(method, target, req.headers, body, chunked, replayable)
         try:
             response = await self.call(request)
         except UpstreamError as exc:
@@ -137,6 +141,9 @@ class Forwarder:
                 [*exc.headers, (b"x-request-id", ctx.request_id)],
             )
             return
+        except BaseException:
+            ctx.upstream_sent = request.sent  # cancelled or failed: may it have been seen?
+            raise
         await relay_response(response, ctx, receive, send)
 
 

@@ -146,10 +146,28 @@ async def test_non_replayable_request_is_retried_when_nothing_was_sent(
     assert req.attempts == 2
 
 
-async def test_post_whose_idempotency_key_is_held_is_retried(waits: list[float]) -> None:
+async def test_post_whose_idempotency_key_is_held_is_retried_after_a_retryable_answer(
+    waits: list[float],
+) -> None:
     ok = FakeResponse(201)
     cluster = FakeCluster([FakeResponse(503), ok])
-    assert await call(cluster)(request("POST", replayable=True)) is ok
+    keyed = UpstreamRequest("POST", "/x", [], b"{}", keyed=True)
+    assert await call(cluster)(keyed) is ok
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [ConnectionReset("reset after sending", sent=True), UpstreamTimeout("slow", sent=True)],
+)
+async def test_post_whose_key_is_held_is_never_resent_after_an_ambiguous_failure(
+    waits: list[float], failure: Exception
+) -> None:
+    # The upstream may have executed it: idempotency keeps the outcome unknown instead.
+    cluster = FakeCluster([failure, FakeResponse(201)])
+    keyed = UpstreamRequest("POST", "/x", [], b"{}", keyed=True)
+    with pytest.raises(type(failure)):
+        await call(cluster, retry_on=["reset", "timeout", "503"])(keyed)
+    assert cluster.calls == 1
 
 
 async def test_only_listed_conditions_are_retried(waits: list[float]) -> None:

@@ -17,7 +17,6 @@ and the seconds until the bucket is full again. A refusal is a 429 problem with
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -25,13 +24,12 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from proxy.config.schema import RateLimit
 from proxy.context import RequestContext
 from proxy.metrics import RATE_LIMIT_STORE_ERRORS, RATE_LIMITED, STORE_DURATION, STORE_ERRORS
 from proxy.problem import send_problem
 from proxy.store.rate_limit import MemoryRateLimiter, RedisRateLimiter
+from proxy.store.redis_client import STORE_FAILURES
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -41,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sidecar.rate_limit")
 
 _POLICY_ID_RE = re.compile(r"[^A-Za-z0-9_.:/*-]")
-_STORE_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+_STORE_FAILURES = STORE_FAILURES
 _LOG_EVERY = 10.0  # seconds between two warnings about the store
 
 

@@ -10,8 +10,10 @@ The upstream call the forwarder makes (``forward → retry → cluster``). One c
   jitter", Envoy's fully jittered backoff) and never sooner than the upstream's
   ``Retry-After``;
 * retries only what is safe: a request the upstream may have seen is retried only when it is
-  replayable (idempotent method with a buffered body, or a key held by the idempotency
-  layer); otherwise only a failure that proves nothing was sent (connect failure) is;
+  replayable (idempotent method with a buffered body); a request whose idempotency key the
+  idempotency layer holds is also retried after a retryable *answer* (the upstream declined
+  it), never after a reset or timeout once sent (it may have executed: idempotency records
+  it as unknown); anything else only after a failure that proves nothing was sent;
 * stops, returning the last outcome, when the budget (:mod:`proxy.layers.retry_budget`) is
   spent, the wait would pass the deadline (or a ``Retry-After`` exceeds it), or every circuit
   is open. The client then gets the upstream's own last answer (say its 503), or the 502/504
@@ -167,7 +169,10 @@ class RetryingCall:
         deadline: float | None,
     ) -> float | None:
         """How long to wait before the next attempt, or ``None`` when it must not happen."""
-        safe = request.replayable or (isinstance(outcome, UpstreamError) and not outcome.sent)
+        if isinstance(outcome, UpstreamError):
+            safe = request.replayable or not outcome.sent
+        else:  # the upstream answered (say 503): a held idempotency key makes it safe too
+            safe = request.replayable or request.keyed
         if not safe:
             self._deny("unsafe", request, attempt, f"{reason}, but the request may have been seen")
             return None

@@ -11,7 +11,6 @@ Redis outage costs cache hits, never requests.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -20,15 +19,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from proxy.metrics import STORE_DURATION, STORE_ERRORS
+from proxy.store.redis_client import STORE_FAILURES
 from proxy.types import Headers
 
 logger = logging.getLogger("sidecar.cache")
 
 _ENTRY_OVERHEAD = 256  # bytes of bookkeeping counted per memory entry
-_STORE_FAILURES = (RedisError, OSError, asyncio.TimeoutError, ValueError)
+_STORE_FAILURES = (*STORE_FAILURES, ValueError)
 
 
 @dataclass(slots=True)

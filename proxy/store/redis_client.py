@@ -8,9 +8,21 @@ needed.
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from proxy.config.schema import Store
+
+# What a failing Redis raises through redis-py: its own errors, socket errors, timeouts, and
+# RuntimeError from uvloop when a command meets a transport closed under it.
+STORE_FAILURES: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
 
 
 def open_redis(config: Store) -> aioredis.Redis:

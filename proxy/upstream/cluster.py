@@ -39,8 +39,13 @@ class UpstreamRequest:
     body: RequestBody
     chunked: bool = False
     # May this request be sent again after the upstream might have seen it? True for
-    # idempotent methods with a replayable body, or when idempotency holds the key.
+    # idempotent methods with a buffered body.
     replayable: bool = False
+    # The idempotency layer holds this request's key: it may be sent again after the
+    # upstream *answered* a retryable status (no client duplicate can interleave), but
+    # never after an ambiguous failure (reset or timeout once sent), which idempotency
+    # records as an unknown outcome: the upstream may have executed it.
+    keyed: bool = False
     # Overrides the upstream's response timeout for one attempt (per-try timeout); also
     # caps its connect timeout.
     timeout: float | None = None
