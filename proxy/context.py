@@ -40,7 +40,7 @@ class RequestContext:
         self.error: str | None = None  # why the sidecar answered itself (metrics label)
         self.idempotency_key: str | None = None  # set when idempotency holds a claim
         self.upstream_attempts = 0
-        # Whether any attempt may have reached the upstream (set by the forwarder when it
-        # answers an upstream failure itself): idempotency then cannot release the key.
+        # Whether any attempt may have reached the upstream (set by the forwarder when the
+        # upstream call fails or is cancelled): idempotency then cannot release the key.
         self.upstream_sent = False
         self.draining = False

@@ -8,6 +8,8 @@ the upstream itself, not from the sidecar's opinion.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,6 +53,7 @@ def idempotency_config(upstream_url: str, dead_port: int, store: dict) -> dict:
         route("/idem/byauth", scope={"by": "header", "header": "Authorization"}),
         route("/idem/timeout", "slow"),
         route("/idem/dead", "dead"),
+        route("/idem/crash", lease="1s"),
     ]
     return config
 
@@ -332,3 +335,39 @@ def test_redis_down_fails_closed_and_recovers_without_a_restart(
     assert_replay_of(httpx.post(url, content=BODY, headers=headers, timeout=10), first)
     calls = httpx.get(echo_upstream.url + "/stats").json()["calls"]
     assert calls.get(f"POST /idem/orders {test_key}") == 2  # the unkeyed one and the keyed one
+
+
+def test_claim_of_a_crashed_sidecar_turns_unknown_and_is_never_re_executed(
+    echo_upstream: Upstream, redis_server: RedisServer, start_sidecar
+) -> None:
+    store = store_config("redis", redis_server, f"crash-{uuid.uuid4().hex[:8]}:")
+    config = idempotency_config(echo_upstream.url, free_port(), store)
+    doomed = start_sidecar(config)
+    key, test_key = new_keys()
+    headers = {"Idempotency-Key": key, "X-Test-Key": test_key}
+    path = "/idem/crash?delay=3"
+
+    def post_and_ignore_the_crash() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(doomed.url + path, content=BODY, headers=headers, timeout=10)
+
+    in_flight = threading.Thread(target=post_and_ignore_the_crash)
+    in_flight.start()
+    deadline = time.monotonic() + 10
+    while harness_calls(echo_upstream, "/idem/crash", test_key) == 0:
+        assert time.monotonic() < deadline, "the upstream never received the request"
+        time.sleep(0.02)
+    doomed.kill()  # SIGKILL while the upstream executes it: no completion, no release
+    in_flight.join()
+    survivor = start_sidecar(config)
+    during = httpx.post(survivor.url + path, content=BODY, headers=headers, timeout=10)
+    assert during.status_code == 409  # in flight (or already unknown if the lease ran out)
+    time.sleep(1.2)  # past the 1 s lease
+    after = httpx.post(survivor.url + path, content=BODY, headers=headers, timeout=10)
+    assert after.status_code == 409 and problem_type(after) == "idempotency-outcome-unknown"
+    assert harness_calls(echo_upstream, "/idem/crash", test_key) == 1
+
+
+def harness_calls(echo: Upstream, path: str, test_key: str) -> int:
+    calls = httpx.get(echo.url + "/stats").json()["calls"]
+    return int(calls.get(f"POST {path} {test_key}", 0))

@@ -7,6 +7,7 @@ unknown, store failures, and the ordering guarantee (recorded before the client 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,11 +17,13 @@ from prometheus_client import REGISTRY
 from proxy.config.loader import ConfigError, parse_config
 from proxy.config.schema import Idempotency
 from proxy.context import RequestContext
+from proxy.forward import Forwarder
 from proxy.layers.idempotency import IdempotencyLayer
 from proxy.problem import send_problem
 from proxy.store.idempotency import Record, StoreUnavailable
 from proxy.store.idempotency_memory import MemoryIdempotencyStore
 from proxy.types import Message, Receive, Scope, Send
+from proxy.upstream.cluster import UpstreamRequest
 from proxy.upstream.errors import ConnectionReset
 
 ENDPOINT = "/unit/orders"
@@ -48,6 +51,9 @@ class FakeUpstream:
             ctx.error, ctx.upstream_sent = "connect-failure", False
             await send_problem(send, 502, "upstream-unreachable", "refused")
             return
+        if self.failure in ("cancelled-after-send", "cancelled-before-send"):
+            ctx.upstream_sent = self.failure == "cancelled-after-send"
+            raise asyncio.CancelledError()
         if self.failure == "circuit-open":
             ctx.error, ctx.upstream_sent = "circuit-open", False
             await send_problem(send, 503, "circuit-open", "open", [(b"retry-after", b"5")])
@@ -377,6 +383,27 @@ async def test_failure_before_reaching_the_upstream_releases_the_key(failure: st
     assert len(upstream.calls) == 2 and outcome("released") == before + 1
 
 
+@pytest.mark.parametrize(
+    ("failure", "after"),
+    [("cancelled-after-send", "idempotency-outcome-unknown"), ("cancelled-before-send", None)],
+)
+async def test_cancelled_request_is_kept_unknown_only_if_it_may_have_been_sent(
+    failure: str, after: str | None
+) -> None:
+    upstream = FakeUpstream()
+    upstream.failure = failure
+    layer = make_layer(upstream)
+    with pytest.raises(asyncio.CancelledError):
+        await call(layer)
+    upstream.failure = None
+    again = await call(layer)
+    if after is None:
+        assert again.status == 201 and len(upstream.calls) == 2
+    else:
+        assert again.status == 409 and problem_type(again) == after
+        assert len(upstream.calls) == 1
+
+
 async def test_sidecar_answers_like_413_are_never_stored() -> None:
     upstream = FakeUpstream()
     layer = make_layer(upstream, max_body=8)
@@ -459,3 +486,38 @@ routes:
     with pytest.raises(ConfigError) as caught:
         parse_config("routes: [{idempotency: {ttl: 10s, lease: 1m}}]", "f.yaml", {})
     assert str(caught.value) == "f.yaml: routes[0].idempotency.lease: must not exceed ttl"
+
+
+# -- what the forwarder tells the layer -----------------------------------------------------
+
+
+@pytest.mark.parametrize("sent", [True, False])
+async def test_forwarder_reports_whether_a_cancelled_call_may_have_been_sent(sent: bool) -> None:
+    async def upstream_call(request: UpstreamRequest) -> Any:
+        request.sent = sent
+        raise asyncio.CancelledError()
+
+    forwarder = Forwarder(upstream_call, max_buffered_body=65536)
+    ctx = RequestContext(None, "10.0.0.1", False, b"rid", 0.0)  # type: ignore[arg-type]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "headers": [(b"content-length", b"2")],
+        "scheme": "http",
+        "client": ("10.0.0.1", 1234),
+        "sidecar": ctx,
+        "sidecar.body": b"{}",
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent on cancellation")
+
+    with pytest.raises(asyncio.CancelledError):
+        await forwarder(scope, receive, send)
+    assert ctx.upstream_sent is sent
