@@ -19,6 +19,7 @@ another reason just has its reply discarded when it arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from typing import Any
@@ -72,9 +73,14 @@ class _RespProtocol(asyncio.Protocol):
         return waiter
 
     def _flush(self) -> None:
-        if self.transport is not None and not self.closed and self.pending:
-            self.transport.write(b"".join(self.pending))
+        data = b"".join(self.pending)
         self.pending.clear()
+        if self.transport is None or self.closed or not data:
+            return
+        try:
+            self.transport.write(data)
+        except (RuntimeError, OSError) as exc:  # uvloop: transport closed under us
+            self.abort(f"write to redis failed: {exc!r}")
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -96,7 +102,8 @@ class _RespProtocol(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         if self.transport is not None:
-            self.transport.abort()
+            with contextlib.suppress(RuntimeError, OSError):
+                self.transport.abort()
         self._fail(reason)
 
     def _fail(self, reason: str) -> None:
