@@ -248,6 +248,12 @@ async def test_upstream_gets_the_scoped_key_the_buffered_body_and_a_held_claim()
     assert scope["sidecar"].idempotency_key == sent[0][1].decode()
 
 
+async def test_key_headers_are_not_forwarded_when_forward_header_is_null() -> None:
+    upstream = FakeUpstream()
+    await call(make_layer(upstream, forward_header=None))
+    assert not [n for n, _ in upstream.calls[0]["headers"] if b"idempotency" in n]
+
+
 async def test_replay_is_identical_with_markers_and_its_own_request_id() -> None:
     upstream = FakeUpstream()
     upstream.headers += [(b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
