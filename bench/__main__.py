@@ -171,23 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: FAILED TO RUN\n  {problem}\n")
     print(report.LEGEND, end="\n\n")
     print(report.goals_table(judged))
-    document = {
-        "meta": meta,
-        "scenarios": {
-            name: {
-                "title": outcome.scenario.title,
-                "method": outcome.scenario.method,
-                "path": outcome.scenario.path,
-                "targets": {key: t.describe() for key, t in outcome.targets.items()},
-                "notes": outcome.notes,
-                "rows": [row.as_dict() for row in rows],
-                "runs": [run.as_dict() for run in outcome.runs],
-            }
-            for name, (outcome, rows) in results.items()
-        },
-        "failed": failures,
-        "goals": [goal.as_dict() for goal in judged],
-    }
+    document = report.document(meta, results, failures, judged)
     latest, dated = report.write(document)
     print(f"\nwrote {latest.relative_to(ROOT)} and {dated.relative_to(ROOT)}")
     return 1 if failures else 0

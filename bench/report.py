@@ -86,7 +86,7 @@ def goals_table(goals: list[Goal]) -> str:
     lines = ["== goals (issue 11), judged on this run"]
     for goal in goals:
         note = f"  ({goal.note})" if goal.note else ""
-        lines.append(f"  {goal.verdict:<4}  {goal.goal:<{width}}  {goal.measured}{note}")
+        lines.append(f"  {goal.verdict:<5}  {goal.goal:<{width}}  {goal.measured}{note}")
     return "\n".join(lines)
 
 
@@ -97,6 +97,32 @@ LEGEND = (
     "(nginx: master + worker); RSS: peak VmRSS sampled during the runs; errors: non-2xx "
     "answers + socket errors."
 )
+
+
+def document(
+    meta: dict[str, object],
+    results: dict[str, tuple[Outcome, list[Row]]],
+    failures: dict[str, str],
+    goals: list[Goal],
+) -> dict[str, object]:
+    """Everything of this run as one JSON-ready document (every run, not only medians)."""
+    return {
+        "meta": meta,
+        "scenarios": {
+            name: {
+                "title": outcome.scenario.title,
+                "method": outcome.scenario.method,
+                "path": outcome.scenario.path,
+                "targets": {key: t.describe() for key, t in outcome.targets.items()},
+                "notes": outcome.notes,
+                "rows": [row.as_dict() for row in rows],
+                "runs": [run.as_dict() for run in outcome.runs],
+            }
+            for name, (outcome, rows) in results.items()
+        },
+        "failed": failures,
+        "goals": [goal.as_dict() for goal in goals],
+    }
 
 
 def write(document: dict[str, object], directory: Path = RESULTS) -> tuple[Path, Path]:

@@ -16,6 +16,8 @@ from bench.scenarios import Outcome, Run
 
 RSS_GOAL_BYTES = 64_000_000  # "RSS under load <= 64 MB", read strictly (61.0 MiB)
 ERROR_TOLERANCE = 0.001  # more non-2xx/socket errors than this share invalidates a row
+NOISY_SPREAD = 0.5  # (max - min) / median of req/s across rounds above this: noisy
+IMPLAUSIBLE_RATIO = 1.10  # a proxy this much faster than direct: the baseline was disturbed
 
 
 @dataclass
@@ -43,6 +45,10 @@ class Row:
     @property
     def error_share(self) -> float:
         return self.errors / self.requests if self.requests else 1.0
+
+    @property
+    def spread(self) -> float:
+        return (self.rps_max - self.rps_min) / self.rps_median if self.rps_median else 0.0
 
     @property
     def valid(self) -> bool:
@@ -110,7 +116,7 @@ def summarize(outcome: Outcome) -> list[Row]:
     return rows
 
 
-Verdict = Literal["PASS", "FAIL", "n/a"]
+Verdict = Literal["PASS", "FAIL", "NOISY", "n/a"]
 
 
 @dataclass
@@ -140,11 +146,22 @@ def _check(
     passes: bool,
     shown: str,
     inactive: set[str],
+    baseline: Row | None = None,
 ) -> Goal:
+    """The verdict on ``value`` of ``row``; ``baseline`` is direct's row for ratio goals."""
     if row is None or value is None:
         return Goal(goal, "not measured", "n/a")
     notes = []
     verdict: Verdict = "PASS" if passes else "FAIL"
+    for checked in (baseline, row):
+        if checked is not None and checked.spread > NOISY_SPREAD:
+            notes.append(
+                f"noisy: {checked.target} varied {checked.rps_min:,.0f}-{checked.rps_max:,.0f} "
+                "req/s across rounds"
+            )
+    if baseline is not None and value > IMPLAUSIBLE_RATIO:
+        verdict = "NOISY"
+        notes.append("faster than direct: the direct baseline was disturbed, rerun when quiet")
     if not row.valid:
         verdict = "FAIL"
         notes.append(f"{row.errors} errors in {row.requests} requests: figure not trustworthy")
@@ -173,7 +190,8 @@ def goals(
         value = row.vs_direct if row else None
         shown = f"{value:.2f} x direct" if value is not None else ""
         passes = value is not None and (value > minimum if strict else value >= minimum)
-        out.append(_check(text, row, value, passes, shown, inactive))
+        direct = _find(rows, "direct", high)
+        out.append(_check(text, row, value, passes, shown, inactive, direct))
 
     ratio(main, "all-features", 0.40, f"all features ≥ 0.40 x direct at {high} conns")
     ratio(main, "pass-through", 0.50, f"pass-through ≥ 0.50 x direct at {high} conns")
