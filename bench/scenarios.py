@@ -127,10 +127,10 @@ def run_scenario(scenario: Scenario, settings: Settings, launcher: Launcher) -> 
                 outcome.notes.append(f"{key} skipped: {exc}")
                 log(f"  note: {key} skipped: {exc}")
         _check(scenario, outcome)
-        scripts = {scenario.method: wrk.write_script(launcher.workdir, scenario.method)}
+        script = wrk.write_script(launcher.workdir, scenario.method)
         if settings.warmup > 0:
             for target in outcome.targets.values():
-                _measure(target, scenario, 32, settings.warmup, scripts, launcher)
+                _measure(target, scenario.path, 32, settings.warmup, script, launcher)
         for round_ in range(settings.rounds):
             for connections in settings.connections:
                 keys = list(outcome.targets)
@@ -138,7 +138,7 @@ def run_scenario(scenario: Scenario, settings: Settings, launcher: Launcher) -> 
                 for key in keys[shift:] + keys[:shift]:
                     target = outcome.targets[key]
                     run = _measure(
-                        target, scenario, connections, settings.duration, scripts, launcher
+                        target, scenario.path, connections, settings.duration, script, launcher
                     )
                     run.round = round_ + 1
                     outcome.runs.append(run)
@@ -195,29 +195,18 @@ def _check_keys(scenario: Scenario, outcome: Outcome) -> None:
 
 
 def _measure(
-    target: Target,
-    scenario: Scenario,
-    connections: int,
-    duration: float,
-    scripts: dict[Method, Path],
-    launcher: Launcher,
+    target: Target, path: str, connections: int, duration: float, script: Path, launcher: Launcher
 ) -> Run:
+    """One wrk run against ``target``, with the target's CPU time and peak RSS around it."""
     pinning = launcher.pinning
-    threads = 1 if pinning.enabled else min(connections, 2)
-    script = scripts[scenario.method]
+    threads = 1 if pinning.enabled else min(connections, 2)  # one pinned core: one thread
     args = wrk.command(
-        target.base_url + scenario.path,
-        connections,
-        threads,
-        duration,
-        script,
-        timeout=max(10.0, duration),
+        target.base_url + path, connections, threads, duration, script, max(10.0, duration)
     )
     if target.before_run is not None:
         target.before_run()
-    pid = target.pid
-    accounted = pid is not None and procstat.available()
-    cpu_before = procstat.tree_cpu_seconds(pid) if accounted and pid else 0.0
+    pid = target.pid if procstat.available() else None
+    cpu_before = procstat.tree_cpu_seconds(pid) if pid else 0.0
     rss_peak = 0
     process = subprocess.Popen(
         launcher.command(args, pinning.load_cpu),
@@ -228,7 +217,7 @@ def _measure(
     )
     try:
         while process.poll() is None:
-            if accounted and pid:
+            if pid:
                 rss_peak = max(rss_peak, procstat.tree_rss_bytes(pid))
             time.sleep(0.2)
         output = process.stdout.read() if process.stdout else ""
@@ -236,21 +225,12 @@ def _measure(
         if process.poll() is None:
             process.kill()
         process.wait()
-    cpu_after = procstat.tree_cpu_seconds(pid) if accounted and pid else 0.0
+    cpu_used = procstat.tree_cpu_seconds(pid) - cpu_before if pid else 0.0
     if target.process is not None and not target.process.alive():
         raise RuntimeError(f"{target.key} died during the run:\n{target.process.log_tail()}")
     result = wrk.parse(output)
-    cpu_per_request = None
-    if accounted and result.requests:
-        cpu_per_request = (cpu_after - cpu_before) / result.requests * 1_000_000
-    return Run(
-        target.key,
-        connections,
-        0,
-        result,
-        cpu_per_request,
-        rss_peak if accounted else None,
-    )
+    cpu_per_request = cpu_used / result.requests * 1_000_000 if pid and result.requests else None
+    return Run(target.key, connections, 0, result, cpu_per_request, rss_peak if pid else None)
 
 
 def _round(value: float | None, digits: int = 1) -> float | None:
