@@ -327,6 +327,7 @@ def test_snapshot_reports_state_failures_and_time_to_half_open() -> None:
     clock.advance(2.5)
     snap = breaker.snapshot()
     assert snap["state"] == "open"
+    assert snap["failures"] == 3  # what opened it
     assert snap["opened_at"] == 1_700_000_000.0
     assert snap["retry_after"] == 8  # ceil(7.5)
 
@@ -356,3 +357,22 @@ def test_closed_breaker_stops_touching_timers_and_metrics() -> None:
     assert scheduler.timers and not scheduler.timers[0].cancelled
     breaker.close()
     assert scheduler.timers[0].cancelled
+
+
+def test_a_replaced_breaker_no_longer_drives_the_state_gauge() -> None:
+    """After a reload the old breaker may still see in-flight results: the gauge shows
+    the new one's state."""
+    clock = Clock()
+    config = BreakerConfig(failure_threshold=1, open_timeout=10.0)
+    kwargs: dict = {"upstream": "unit", "endpoint": "http://reloaded", "probe_timeout": 5.0}
+    old = CircuitBreaker(config, clock=clock, **kwargs)
+    fail(old)
+    gauge = ("sidecar_circuit_breaker_state", {"upstream": "unit", "endpoint": "http://reloaded"})
+    assert REGISTRY.get_sample_value(*gauge) == 2
+    new = CircuitBreaker(config, clock=clock, **kwargs)
+    assert REGISTRY.get_sample_value(*gauge) == 0
+    clock.advance(10)
+    assert old.state == HALF_OPEN
+    assert REGISTRY.get_sample_value(*gauge) == 0
+    fail(new)
+    assert REGISTRY.get_sample_value(*gauge) == 2

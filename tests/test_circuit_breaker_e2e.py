@@ -123,6 +123,12 @@ def _lifecycle(upstream: Upstream, start_sidecar) -> None:
     assert fast - fast_before >= 18  # server side, 90% of them within 5 ms
     assert metric(sidecar, "sidecar_upstream_requests_total", upstream="app") == sent
     assert metric(sidecar, "sidecar_circuit_breaker_rejections_total", upstream="app") >= 21
+    health = httpx.get(sidecar.admin_url + "/api/health?include=circuit_breakers").json()
+    (breaker,) = health["checks"]["circuit_breakers:app"]
+    assert breaker["observedValue"] == "open"
+    assert breaker["breaker"]["state"] == "open"
+    assert breaker["breaker"]["failures"] == 3
+    assert 1 <= breaker["breaker"]["retry_after"] <= 3
 
     # The upstream comes back while the circuit is open: it still sees nothing.
     revived = Upstream(port=upstream.port).start()
@@ -137,7 +143,7 @@ def _lifecycle(upstream: Upstream, start_sidecar) -> None:
 
         # After open_timeout: half-open admits at most half_open_max_requests probes.
         time.sleep(wait + 0.2)
-        statuses = sorted(burst(sidecar.url + "/slow?delay=0.5", 10, test_key))
+        statuses = sorted(burst(sidecar.url + "/slow?delay=1.5", 10, test_key))
         assert statuses == [200, 200] + [503] * 8
         assert upstream_calls(revived, "GET", "/slow", test_key) == 2
 

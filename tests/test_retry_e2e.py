@@ -64,6 +64,8 @@ def sidecar(echo_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory):
                                "timeout": "5s"}),
         route("/echo/short", {"max_attempts": 2, **FAST, "timeout": "1s",
                               "retry_on": ["503"]}),
+        {"name": "keyed", "match": {"path_prefix": "/flaky", "methods": ["POST"]},
+         "upstream": "app", "idempotency": {"enabled": True}},
     ]  # fmt: skip
     running = Sidecar(config, tmp_path_factory.mktemp("retry")).start(wait_ready=True)
     yield running
@@ -108,6 +110,23 @@ def test_post_without_idempotency_key_to_a_503_upstream_is_attempted_once(
     # The same failure on a GET is retried.
     httpx.get(sidecar.url + "/status/503", headers={"X-Test-Key": test_key})
     assert upstream_calls(echo_upstream, "GET", "/status/503", test_key) == 3
+
+
+def test_post_whose_idempotency_key_the_sidecar_holds_is_retried(
+    sidecar: Sidecar, echo_upstream: Upstream
+) -> None:
+    """The idempotency layer guarantees one execution per key, so the retry is safe."""
+    test_key = key()
+    headers = {"X-Test-Key": test_key, "Idempotency-Key": key()}
+    response = httpx.post(sidecar.url + "/flaky?fail=1&of=2", content=b"{}", headers=headers)
+    assert response.status_code == 200
+    assert upstream_calls(echo_upstream, "POST", "/flaky", test_key) == 2
+    # Without a key the same 503 goes back to the client after one attempt.
+    response = httpx.post(
+        sidecar.url + "/flaky?fail=1&of=2", content=b"{}", headers={"X-Test-Key": test_key}
+    )
+    assert response.status_code == 503
+    assert upstream_calls(echo_upstream, "POST", "/flaky", test_key) == 3
 
 
 def test_post_is_retried_on_another_endpoint_when_the_connection_failed(

@@ -44,6 +44,10 @@ _GAUGE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 Clock = Callable[[], float]
 
+# The breaker that owns each (upstream, endpoint) state gauge: the newest one. After a reload
+# the replaced breaker may still see in-flight results, but must not overwrite the gauge.
+_GAUGE_OWNER: dict[tuple[str, str], CircuitBreaker] = {}
+
 
 class Cancellable(Protocol):
     def cancel(self) -> None: ...
@@ -117,6 +121,7 @@ class CircuitBreaker:
         self._labels = (upstream, endpoint)
         self._gauge = BREAKER_STATE.labels(upstream, endpoint)
         self._gauge.set(0)
+        _GAUGE_OWNER[self._labels] = self
         self._state = CLOSED
         self._seq = 1
         self._closed_ticket = 1  # tickets from an earlier closed period are ignored
@@ -250,7 +255,6 @@ class CircuitBreaker:
         now = self._clock()
         self._until = now + self._config.open_timeout
         self._opened_wall = self._wall()
-        self._consecutive = 0
         self._probes.clear()
         if self._window is not None:
             self._window.clear()
@@ -272,7 +276,8 @@ class CircuitBreaker:
         self._state = new
         if self._shut:
             return
-        self._gauge.set(_GAUGE_VALUE[new])
+        if _GAUGE_OWNER.get(self._labels) is self:
+            self._gauge.set(_GAUGE_VALUE[new])
         BREAKER_TRANSITIONS.labels(*self._labels, old, new).inc()
         if new is OPEN:
             logger.warning(
