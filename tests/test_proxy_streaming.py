@@ -144,3 +144,16 @@ def test_client_disconnect_mid_upload_aborts_the_upstream_request(
             break
         time.sleep(0.05)
     assert httpx.get(echo_upstream.url + "/stats").json()["disconnects"] == before + 1
+
+
+def test_slow_reader_download_never_stalls_on_back_pressure(sidecar: Sidecar) -> None:
+    # A client reading slowly makes the sidecar pause reading from the upstream and resume
+    # as its queue drains; a lost resume would stall the stream until the idle timeout.
+    size = 32 * 1024 * 1024
+    received = 0
+    with httpx.stream("GET", sidecar.url + f"/download?size={size}", timeout=30) as response:
+        for i, chunk in enumerate(response.iter_raw(7 * 1024)):
+            received += len(chunk)
+            if i % 200 == 0:
+                time.sleep(0.01)
+    assert received == size

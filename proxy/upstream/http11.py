@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._write_paused = False
+        self.reading_paused = False
         self.counted = True  # counted in ``pool.active`` until discarded
         self._drain_waiter: asyncio.Future[None] | None = None
         self._response: Response | None = None
@@ -171,11 +172,13 @@ class Connection(asyncio.Protocol):
         self.closed = True
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def finished(self, response: Response) -> None:
@@ -259,19 +262,23 @@ class Response:
     async def read(self) -> bytes:
         """The next body chunk; ``b""`` at the end. Raises :class:`UpstreamError`."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self.buffered -= len(chunk)
-                if self.buffered < LOW_WATER:
-                    self._conn.resume_reading()
-                if self._chunks and len(chunk) < 65536:
+            chunks = self._chunks
+            if chunks:
+                chunk = chunks.popleft()
+                if chunks and len(chunk) < 65536:
                     # Coalesce small queued chunks into one write to the client.
                     parts = [chunk]
-                    while self._chunks and sum(map(len, parts)) < 65536:
-                        part = self._chunks.popleft()
-                        self.buffered -= len(part)
+                    size = len(chunk)
+                    while chunks and size < 65536:
+                        part = chunks.popleft()
+                        size += len(part)
                         parts.append(part)
                     chunk = b"".join(parts)
+                self.buffered -= len(chunk)
+                # Only now, with everything taken out counted: resuming before coalescing
+                # could leave the queue empty and the transport paused (a stall).
+                if self.buffered < LOW_WATER:
+                    self._conn.resume_reading()
                 if self.at_eof:
                     self.release()
                 return chunk
