@@ -39,24 +39,9 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":
-            if kind == "websocket":
-                # WebSocket upgrades are refused (403 before accept), see README.
-                await send({"type": "websocket.close", "code": 1008})
-            return
+            return  # no lifespan; WebSocket upgrades arrive as HTTP and are refused below
         state = self.state
         runtime = state.runtime
-        if _is_websocket_upgrade(scope["headers"]):
-            await send_problem(
-                send,
-                501,
-                "websocket-unsupported",
-                "WebSocket upgrades are not proxied by this sidecar; connect to the upstream directly",
-                [(b"connection", b"close")],
-            )
-            return
-        route = runtime.router.match(scope["method"], scope["path"])
-        client = scope.get("client")
-        peer = client[0] if client else "unknown"
         trusted = runtime.trusted
         request_id = b""
         xff = None
@@ -65,6 +50,19 @@ class ProxyApp:
                 request_id = value
             elif name == b"x-forwarded-for" and trusted:
                 xff = value if xff is None else xff + b", " + value
+            elif name == b"upgrade" and value.lower() == b"websocket":
+                await send_problem(
+                    send,
+                    501,
+                    "websocket-unsupported",
+                    "WebSocket upgrades are not proxied by this sidecar; "
+                    "connect to the upstream directly",
+                    [(b"connection", b"close")],
+                )
+                return
+        route = runtime.router.match(scope["method"], scope["path"])
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
         if not valid_request_id(request_id):
             request_id = new_request_id()
         peer_trusted = bool(trusted) and trusted.contains(peer)
@@ -125,10 +123,3 @@ def _closing(message: Message) -> Message:
     if not any(name == b"connection" and b"close" in value.lower() for name, value in headers):
         headers.append((b"connection", b"close"))
     return {**message, "headers": headers}
-
-
-def _is_websocket_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"upgrade" and value.lower() == b"websocket":
-            return True
-    return False
