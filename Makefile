@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy upstream_app tests bench
 
 bench: $(STAMP)
-	scripts/system-deps.sh wrk nginx
+	scripts/system-deps.sh wrk nginx redis-server
 	$(BIN)/python -m bench
 
 soak: $(STAMP) system-deps
