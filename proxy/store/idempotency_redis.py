@@ -19,14 +19,18 @@ one.
 from __future__ import annotations
 
 import hashlib
-import struct
 import time
 from typing import Any
 
 from proxy.metrics import STORE_DURATION, STORE_ERRORS
-from proxy.store.idempotency import Record, State, StoredResponse, StoreUnavailable
+from proxy.store.idempotency import (
+    Record,
+    State,
+    StoreUnavailable,
+    decode_response,
+    encode_response,
+)
 from proxy.store.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable
-from proxy.types import Headers
 
 _CLAIM = """
 local t = redis.call('TIME')
@@ -58,31 +62,6 @@ _STATE_CODE: dict[State, bytes] = {
     "not_replayable": b"n",
 }
 _CODE_STATE: dict[bytes, State] = {code: state for state, code in _STATE_CODE.items()}
-_HEAD = struct.Struct(">HH")  # status, header count
-_FIELD = struct.Struct(">HI")  # name length, value length
-
-
-def encode_response(response: StoredResponse) -> bytes:
-    """status, headers and body in one compact binary string."""
-    parts = [_HEAD.pack(response.status, len(response.headers))]
-    for name, value in response.headers:
-        parts += (_FIELD.pack(len(name), len(value)), name, value)
-    parts.append(response.body)
-    return b"".join(parts)
-
-
-def decode_response(data: bytes) -> StoredResponse:
-    status, count = _HEAD.unpack_from(data)
-    offset = _HEAD.size
-    headers: Headers = []
-    for _ in range(count):
-        name_len, value_len = _FIELD.unpack_from(data, offset)
-        offset += _FIELD.size
-        name = data[offset : offset + name_len]
-        offset += name_len
-        headers.append((name, data[offset : offset + value_len]))
-        offset += value_len
-    return StoredResponse(status, headers, data[offset:])
 
 
 class _Script:
