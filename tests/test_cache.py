@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import basic_config
-from tests.support.processes import RedisServer, Sidecar, Upstream
+from tests.support.processes import RedisServer, Sidecar, Upstream, upstream_calls
 
 BACKENDS = ["memory", "redis"]
 
@@ -63,11 +63,6 @@ def sidecar(
 
 def unique_path(prefix: str = "/cache/") -> str:
     return f"{prefix}{uuid.uuid4().hex}"
-
-
-def upstream_calls(upstream: Upstream, method: str, path: str, key: str) -> int:
-    calls = httpx.get(upstream.url + "/stats", timeout=5).json()["calls"]
-    return int(calls.get(f"{method} {path} {key}", 0))
 
 
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:

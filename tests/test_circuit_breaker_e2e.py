@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import basic_config
-from tests.support.processes import Sidecar, Upstream, free_port
+from tests.support.processes import Sidecar, Upstream, free_port, upstream_calls
 
 
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
@@ -23,11 +23,6 @@ def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-def upstream_calls(upstream: Upstream, method: str, path: str, test_key: str) -> int:
-    calls = httpx.get(upstream.url + "/stats").json()["calls"]
-    return int(calls.get(f"{method} {path} {test_key}", 0))
 
 
 def timed_gets(sidecar: Sidecar, path: str, count: int) -> list[tuple[int, float, str | None]]:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import basic_config
-from tests.support.processes import Sidecar, Upstream
+from tests.support.processes import Sidecar, Upstream, upstream_calls
 from tests.support.raw import RawUpstream, exchange, status_of
 
 
@@ -35,11 +35,6 @@ def sidecar(echo_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory):
     sidecar = Sidecar(config, tmp_path_factory.mktemp("hardening")).start(wait_ready=True)
     yield sidecar
     sidecar.stop()
-
-
-def upstream_calls(upstream: Upstream, method: str, path: str, key: str) -> int:
-    calls = httpx.get(upstream.url + "/stats").json()["calls"]
-    return int(calls.get(f"{method} {path} {key}", 0))
 
 
 SMUGGLING = {

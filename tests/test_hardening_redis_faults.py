@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import basic_config
 from tests.support.fault_proxy import FaultProxy
-from tests.support.processes import RedisServer, Sidecar, Upstream
+from tests.support.processes import RedisServer, Sidecar, Upstream, upstream_calls
 
 
 @pytest.fixture
@@ -48,10 +48,6 @@ def post(sidecar: Sidecar, key: str) -> httpx.Response:
     )
 
 
-def executions(upstream: Upstream, key: str) -> int:
-    return int(httpx.get(upstream.url + "/stats").json()["calls"].get(f"POST /orders {key}", 0))
-
-
 FAULTS = [
     ("refuse", {}),
     ("blackhole", {}),
@@ -72,7 +68,7 @@ def test_redis_fault_fails_keyed_requests_closed_and_never_runs_one_twice(
     key = f"fault-{kind}"
     statuses = [post(sidecar, key).status_code for _ in range(3)]
     assert set(statuses) <= {503}, statuses  # fail closed: not forwarded unprotected
-    assert executions(echo_upstream, key) == 0
+    assert upstream_calls(echo_upstream, "POST", "/orders", key) == 0
     # Unkeyed traffic keeps flowing: the rate limiter fails open.
     assert httpx.post(sidecar.url + "/orders", json={}, timeout=5).status_code == 201
     proxy.set("none")
@@ -83,7 +79,7 @@ def test_redis_fault_fails_keyed_requests_closed_and_never_runs_one_twice(
         time.sleep(0.2)
     assert status == 201  # recovered without a restart, and the key was not lost
     assert post(sidecar, key).headers.get("idempotent-replayed") == "true"
-    assert executions(echo_upstream, key) == 1
+    assert upstream_calls(echo_upstream, "POST", "/orders", key) == 1
     deadline = time.monotonic() + 5
     while psutil.Process(sidecar.pid).num_fds() > baseline + 2 and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -12,25 +12,13 @@ from typing import Any
 import httpx
 
 from tests.conftest import basic_config
-from tests.support.processes import RedisServer, Sidecar, Upstream, free_port
+from tests.support.processes import RedisServer, Sidecar, Upstream, free_port, poll
 
 HEALTH_JSON = "application/health+json"
 
 
 def get(sidecar: Sidecar, path: str, client: httpx.Client | None = None) -> httpx.Response:
     return (client or httpx).get(sidecar.admin_url + path, timeout=5)
-
-
-def poll(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Wait until ``condition()`` is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout}s")
-        time.sleep(step)
 
 
 def entry(document: dict, key: str) -> dict:

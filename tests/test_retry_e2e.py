@@ -15,18 +15,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import basic_config
-from tests.support.processes import Sidecar, Upstream, free_port
+from tests.support.processes import Sidecar, Upstream, free_port, upstream_calls
 
 FAST = {"base_delay": "5ms", "max_delay": "20ms"}
 
 
 def key() -> str:
     return uuid.uuid4().hex
-
-
-def upstream_calls(upstream: Upstream, method: str, path: str, test_key: str) -> int:
-    calls = httpx.get(upstream.url + "/stats").json()["calls"]
-    return int(calls.get(f"{method} {path} {test_key}", 0))
 
 
 def metric(sidecar: Sidecar, name: str, **labels: str) -> float:

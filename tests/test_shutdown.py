@@ -15,24 +15,13 @@ import httpx
 import pytest
 
 from tests.conftest import basic_config
-from tests.support.processes import Sidecar, Upstream, free_port
+from tests.support.processes import Sidecar, Upstream, free_port, poll
 
 
 def drain_config(upstream_url: str, delay: str, timeout: str, **extra: Any) -> dict:
     return basic_config(
         upstream_url, shutdown={"drain_delay": delay, "drain_timeout": timeout}, **extra
     )
-
-
-def poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} within {timeout}s")
-        time.sleep(0.02)
 
 
 def start_slow(

@@ -10,12 +10,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def upstream_calls(upstream: Upstream, method: str, path: str, key: str) -> int:
+    """How often the echo upstream executed ``method path`` for ``X-Test-Key: key``."""
+    calls = httpx.get(upstream.url + "/stats", timeout=5).json()["calls"]
+    return int(calls.get(f"{method} {path} {key}", 0))
+
+
+def poll(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    """Wait until ``condition()`` is truthy and return its value, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout}s")
+        time.sleep(step)
 
 
 def free_port() -> int:
