@@ -114,7 +114,8 @@ class Cluster:
         """The next endpoint round-robin whose breaker admits a call, and its breaker ticket.
 
         ``avoid`` (the endpoint a retry's previous attempt went to) is taken only when no
-        other endpoint admits the call. Raises :class:`CircuitOpen` when none does.
+        other endpoint admits the call; endpoints failing their active health check only
+        when no healthy one does. Raises :class:`CircuitOpen` when none does.
         """
         endpoints = self.endpoints
         count = len(endpoints)
@@ -125,16 +126,20 @@ class Cluster:
                 raise self._all_open()
             return endpoint, ticket
         start = self._next
-        for step in range(count):
-            index = (start + step) % count
-            endpoint = endpoints[index]
-            if endpoint is avoid:
-                continue
-            ticket = endpoint.breaker.acquire()
-            if ticket is not None:
-                if avoid is None:  # a retry does not shift the rotation of first attempts
-                    self._next = index + 1
-                return endpoint, ticket
+        # First pass: endpoints not failing their active health check; second pass, when
+        # none of those admits the call: any endpoint (Envoy's "panic mode": better to try
+        # an endpoint the probe dislikes than to fail every request).
+        for require_healthy in (True, False):
+            for step in range(count):
+                index = (start + step) % count
+                endpoint = endpoints[index]
+                if endpoint is avoid or (require_healthy and endpoint.healthy is False):
+                    continue
+                ticket = endpoint.breaker.acquire()
+                if ticket is not None:
+                    if avoid is None:  # a retry does not shift the rotation of first attempts
+                        self._next = index + 1
+                    return endpoint, ticket
         if avoid is not None:
             ticket = avoid.breaker.acquire()
             if ticket is not None:
