@@ -64,12 +64,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     return report
 
 
-def basic_config(upstream_url: str, **overrides: object) -> dict:
-    """A minimal sidecar config pointing `app` at ``upstream_url``."""
+def basic_config(upstream_url: str | list[str], **overrides: object) -> dict:
+    """A minimal sidecar config pointing `app` at ``upstream_url`` (or several URLs)."""
+    endpoints = {"urls": upstream_url} if isinstance(upstream_url, list) else {"url": upstream_url}
     config: dict = {
         "upstreams": {
             "app": {
-                "url": upstream_url,
+                **endpoints,
                 "timeouts": {"connect": "1s", "request": "5s"},
                 "health_check": {"path": "/healthz", "interval": "200ms", "timeout": "500ms"},
             }

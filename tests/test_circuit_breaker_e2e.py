@@ -197,10 +197,8 @@ def test_failing_endpoint_is_ejected_and_retries_go_to_the_healthy_one(
     echo_upstream: Upstream, start_sidecar
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    config = basic_config(echo_upstream.url)
+    config = basic_config([dead, echo_upstream.url])
     app = config["upstreams"]["app"]
-    del app["url"]
-    app["urls"] = [dead, echo_upstream.url]
     app["health_check"] = {"enabled": False}
     app["retry"] = {"base_delay": "5ms", "max_delay": "20ms"}
     app["circuit_breaker"] = {"failure_threshold": 2, "open_timeout": "60s"}

@@ -13,10 +13,8 @@ def test_endpoint_failing_its_health_check_gets_no_traffic_until_it_recovers(sta
     good, sick = Upstream().start(), Upstream().start()
     try:
         httpx.post(sick.url + "/admin/health?status=503")
-        config = basic_config(good.url)
+        config = basic_config([good.url, sick.url])
         app = config["upstreams"]["app"]
-        del app["url"]
-        app["urls"] = [good.url, sick.url]
         app["circuit_breaker"] = {"enabled": False}
         sidecar = start_sidecar(config, wait_ready=True)
         for _ in range(10):
@@ -41,10 +39,8 @@ def test_when_every_endpoint_fails_its_health_check_traffic_still_flows(start_si
     try:
         for upstream in (first, second):
             httpx.post(upstream.url + "/admin/health?status=503")
-        config = basic_config(first.url)
+        config = basic_config([first.url, second.url])
         app = config["upstreams"]["app"]
-        del app["url"]
-        app["urls"] = [first.url, second.url]
         app["circuit_breaker"] = {"enabled": False}
         sidecar = start_sidecar(config)
         poll(

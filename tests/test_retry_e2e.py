@@ -129,10 +129,8 @@ def test_post_is_retried_on_another_endpoint_when_the_connection_failed(
 ) -> None:
     """Connection refused proves the upstream saw nothing: even a POST moves on."""
     dead = f"http://127.0.0.1:{free_port()}"
-    config = basic_config(echo_upstream.url)
+    config = basic_config([dead, echo_upstream.url])
     app = config["upstreams"]["app"]
-    del app["url"]
-    app["urls"] = [dead, echo_upstream.url]
     app["health_check"] = {"enabled": False}
     app["circuit_breaker"] = {"enabled": False}  # keep sending to the dead one
     app["retry"] = FAST

@@ -108,13 +108,7 @@ class CircuitBreaker(Model):
     @field_validator("failure_on")
     @classmethod
     def _known_failures(cls, value: list[str]) -> list[str]:
-        for item in value:
-            if item not in BREAKER_FAILURES and not _is_status(item):
-                raise ValueError(
-                    f"unknown failure kind {item!r} (use {', '.join(sorted(BREAKER_FAILURES))} "
-                    "or a status code)"
-                )
-        return value
+        return _check_conditions(value, BREAKER_FAILURES, "failure kind")
 
     @model_validator(mode="after")
     def _one_mode(self) -> CircuitBreaker:
@@ -147,14 +141,7 @@ class Retry(Model):
     @field_validator("retry_on")
     @classmethod
     def _known_conditions(cls, value: list[str]) -> list[str]:
-        value = [str(v) for v in value]
-        for item in value:
-            if item not in RETRY_CONDITIONS and not _is_status(item):
-                raise ValueError(
-                    f"unknown retry condition {item!r} (use {', '.join(sorted(RETRY_CONDITIONS))} "
-                    "or a status code such as 503)"
-                )
-        return value
+        return _check_conditions(value, RETRY_CONDITIONS, "retry condition")
 
     @model_validator(mode="after")
     def _delays_ordered(self) -> Retry:
@@ -396,6 +383,18 @@ def _status_codes_as_text(value: object) -> object:
     """YAML reads ``[reset, 503]`` as a string and an int: accept codes written either way."""
     if isinstance(value, list):
         return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def _check_conditions(value: list[str], known: frozenset[str], what: str) -> list[str]:
+    """Every item a known condition name or a status code (``retry_on``, ``failure_on``)."""
+    value = [str(v) for v in value]
+    for item in value:
+        if item not in known and not _is_status(item):
+            raise ValueError(
+                f"unknown {what} {item!r} (use {', '.join(sorted(known))} "
+                "or a status code such as 503)"
+            )
     return value
 
 
