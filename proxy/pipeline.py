@@ -36,6 +36,7 @@ from proxy.layers.retry_budget import RetryBudget
 from proxy.routing import UNMATCHED, CompiledRoute, Router, compile_route
 from proxy.store.idempotency import open_idempotency_store
 from proxy.store.redis_client import open_redis
+from proxy.store.redis_pipe import RedisPipe
 from proxy.types import ASGIApp
 from proxy.upstream.cluster import Cluster
 
@@ -45,14 +46,20 @@ class Shared:
 
     def __init__(self, config: Config) -> None:
         self.store_config = config.store
-        self.redis = open_redis(config.store) if config.store.backend == "redis" else None
-        self.idempotency = open_idempotency_store(config.store)
+        redis = config.store.backend == "redis" and config.store.url is not None
+        # redis-py for what is off the hot path (cache, health PING); one multiplexed,
+        # auto-pipelined connection for per-request commands (idempotency, rate limits).
+        self.redis = open_redis(config.store) if redis else None
+        self.pipe = RedisPipe(config.store.url, config.store.timeout) if redis else None
+        self.idempotency = open_idempotency_store(config.store, self.pipe)
         # In-process state of memory-backend stores that must survive reloads (rate-limit
         # buckets, cached responses), keyed by (feature, route endpoint).
         self.memory: dict[tuple[str, str], object] = {}
 
     async def close(self) -> None:
         self.idempotency.close()
+        if self.pipe is not None:
+            self.pipe.close()
         if self.redis is not None:
             await self.redis.aclose()
 

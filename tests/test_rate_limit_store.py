@@ -11,6 +11,7 @@ from proxy.config.schema import Store
 from proxy.store import rate_limit
 from proxy.store.rate_limit import MemoryRateLimiter, RedisRateLimiter
 from proxy.store.redis_client import open_redis
+from proxy.store.redis_pipe import RedisPipe
 from tests.support.processes import RedisServer
 
 
@@ -77,9 +78,10 @@ def test_the_bucket_table_stays_bounded_dropping_full_buckets_first(clock: Clock
 
 async def test_redis_script_makes_the_same_decisions(redis_server: RedisServer) -> None:
     client = open_redis(Store(backend="redis", url=redis_server.url))
+    pipe = RedisPipe(redis_server.url, 2.0)
     try:
         await client.delete("test-rl:k")
-        limiter = RedisRateLimiter(client)
+        limiter = RedisRateLimiter(pipe)
         decisions = [await limiter.hit("test-rl:k", 0.5, 4) for _ in range(5)]
         assert [d[0] for d in decisions] == [True, True, True, True, False]
         assert [d[1] for d in decisions[:4]] == [3, 2, 1, 0]
@@ -92,15 +94,18 @@ async def test_redis_script_makes_the_same_decisions(redis_server: RedisServer) 
         await asyncio.sleep(0.6)
         assert (await limiter.hit("test-rl:k", 0.5, 4))[0]
     finally:
+        pipe.close()
         await client.aclose()
 
 
 async def test_redis_script_is_reloaded_after_a_script_flush(redis_server: RedisServer) -> None:
     client = open_redis(Store(backend="redis", url=redis_server.url))
+    pipe = RedisPipe(redis_server.url, 2.0)
     try:
-        limiter = RedisRateLimiter(client)
+        limiter = RedisRateLimiter(pipe)
         await limiter.hit("test-rl:flush", 1.0, 10)
         await client.script_flush()  # what a Redis restart does to cached scripts
         assert (await limiter.hit("test-rl:flush", 1.0, 10))[0]
     finally:
+        pipe.close()
         await client.aclose()

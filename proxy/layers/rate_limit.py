@@ -30,6 +30,7 @@ from proxy.metrics import RATE_LIMIT_STORE_ERRORS, RATE_LIMITED, STORE_DURATION,
 from proxy.problem import send_problem
 from proxy.store.rate_limit import MemoryRateLimiter, RedisRateLimiter
 from proxy.store.redis_client import STORE_FAILURES
+from proxy.store.redis_pipe import RedisReplyError
 from proxy.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sidecar.rate_limit")
 
 _POLICY_ID_RE = re.compile(r"[^A-Za-z0-9_.:/*-]")
-_STORE_FAILURES = STORE_FAILURES
+_STORE_FAILURES = (*STORE_FAILURES, RedisReplyError)
 _LOG_EVERY = 10.0  # seconds between two warnings about the store
 
 
@@ -54,8 +55,8 @@ def rate_limit_layer(
 ) -> RateLimitLayer:
     """Build the layer for a route; memory buckets are process-wide and survive reloads."""
     memory = redis = None
-    if shared.redis is not None:
-        redis = RedisRateLimiter(shared.redis)
+    if shared.pipe is not None:
+        redis = RedisRateLimiter(shared.pipe)
     else:
         existing = shared.memory.get(("rate_limit", ""))
         if not isinstance(existing, MemoryRateLimiter):

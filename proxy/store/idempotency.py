@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from proxy.config.schema import Store
+    from proxy.store.redis_pipe import RedisPipe
     from proxy.types import Headers
 
 State = Literal["pending", "done", "unknown", "not_replayable"]
@@ -70,14 +71,13 @@ class IdempotencyStore(Protocol):
         """Let go of connections (process shutdown)."""
 
 
-def open_idempotency_store(config: Store) -> IdempotencyStore:
+def open_idempotency_store(config: Store, pipe: RedisPipe | None) -> IdempotencyStore:
     """The store selected by ``store.backend`` (process-wide: it survives config reloads)."""
     if config.backend == "redis":
         from proxy.store.idempotency_redis import RedisIdempotencyStore
-        from proxy.store.redis_pipe import RedisPipe
 
-        assert config.url
-        return RedisIdempotencyStore(RedisPipe(config.url, config.timeout), config.key_prefix)
+        assert pipe is not None
+        return RedisIdempotencyStore(pipe, config.key_prefix)
     from proxy.store.idempotency_memory import MemoryIdempotencyStore
 
     return MemoryIdempotencyStore(config.max_entries)

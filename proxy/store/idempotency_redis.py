@@ -18,7 +18,6 @@ one.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from proxy.store.idempotency import (
     decode_response,
     encode_response,
 )
-from proxy.store.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable
+from proxy.store.redis_pipe import RedisPipe, RedisReplyError, RedisUnavailable, Script
 
 _CLAIM = """
 local t = redis.call('TIME')
@@ -64,23 +63,15 @@ _STATE_CODE: dict[State, bytes] = {
 _CODE_STATE: dict[bytes, State] = {code: state for state, code in _STATE_CODE.items()}
 
 
-class _Script:
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source.encode()
-        self.sha = hashlib.sha1(self.source).hexdigest().encode()
-
-
 class RedisIdempotencyStore:
     backend = "redis"
 
     def __init__(self, pipe: RedisPipe, key_prefix: str) -> None:
         self.pipe = pipe
         self.prefix = key_prefix + "idem:"
-        self._claim = _Script(_CLAIM)
-        self._finish = _Script(_FINISH)
-        self._release = _Script(_RELEASE)
+        self._claim = Script(_CLAIM)
+        self._finish = Script(_FINISH)
+        self._release = Script(_RELEASE)
         self._errors = {op: STORE_ERRORS.labels("redis", f"idempotency_{op}") for op in _OPS}
         self._durations = {op: STORE_DURATION.labels("redis", f"idempotency_{op}") for op in _OPS}
 
@@ -118,16 +109,11 @@ class RedisIdempotencyStore:
     def close(self) -> None:
         self.pipe.close()
 
-    async def _run(self, op: str, script: _Script, key: str, *args: Any) -> Any:
+    async def _run(self, op: str, script: Script, key: str, *args: Any) -> Any:
         started = time.perf_counter()
         name = self.prefix + key
         try:
-            try:
-                result = await self.pipe.execute(b"EVALSHA", script.sha, 1, name, *args)
-            except RedisReplyError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                result = await self.pipe.execute(b"EVAL", script.source, 1, name, *args)
+            result = await script.run(self.pipe, name, *args)
         except (RedisUnavailable, RedisReplyError) as exc:
             self._errors[op].inc()
             raise StoreUnavailable(f"redis {op} failed: {exc}") from exc

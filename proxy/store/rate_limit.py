@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-import redis.asyncio as aioredis
+from proxy.store.redis_pipe import RedisPipe, Script
 
 Decision = tuple[bool, int, float, float]
 
@@ -87,15 +87,17 @@ return {1, math.floor((tolerance - backlog) / interval), backlog, 0}
 class RedisRateLimiter:
     """GCRA buckets in Redis, one atomic script per decision (replicas share the limit).
 
-    Raises redis errors (including timeouts, bounded by ``store.timeout``); the layer
+    Runs over the process's multiplexed Redis connection; raises ``RedisUnavailable``
+    (including timeouts, bounded by ``store.timeout``) or ``RedisReplyError``; the layer
     decides whether that fails open or closed.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.script = client.register_script(_GCRA_LUA)
+    def __init__(self, pipe: RedisPipe) -> None:
+        self.pipe = pipe
+        self.script = Script(_GCRA_LUA)
 
     async def hit(self, key: str, interval: float, burst: int) -> Decision:
-        allowed, remaining, reset, retry = await self.script(
-            keys=[key], args=[max(1, round(interval * 1e6)), burst]
+        allowed, remaining, reset, retry = await self.script.run(
+            self.pipe, key, max(1, round(interval * 1e6)), burst
         )
         return bool(allowed), int(remaining), reset / 1e6, retry / 1e6

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ssl
 from collections import deque
 from typing import Any
@@ -185,3 +186,22 @@ class RedisPipe:
         if self._protocol is not None:
             self._protocol.abort("closed by the sidecar")
             self._protocol = None
+
+
+class Script:
+    """A Lua script run by SHA (``EVALSHA``), re-sent in full after ``NOSCRIPT`` (a Redis
+    restart or ``SCRIPT FLUSH`` forgets cached scripts)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+    async def run(self, pipe: RedisPipe, key: str, *args: Any) -> Any:
+        try:
+            return await pipe.execute(b"EVALSHA", self.sha, 1, key, *args)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await pipe.execute(b"EVAL", self.source, 1, key, *args)
