@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from proxy.context import RequestContext
@@ -95,7 +96,7 @@ class Forwarder:
             if buffered is not None:
                 body = buffered
             elif length <= self.max_buffered_body:
-                body = await _read_body(receive)
+                body = b"".join((await read_body(receive))[0])
             else:
                 body = _stream(receive)
         else:
@@ -189,19 +190,9 @@ async def _watch_disconnect(receive: Receive, response: Response) -> None:
             return
 
 
-async def _read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-async def _buffer_or_stream(receive: Receive, limit: int) -> bytes | AsyncIterator[bytes]:
-    """The whole body if it ends within ``limit`` bytes, else a stream of all of it."""
+async def read_body(receive: Receive, limit: float = math.inf) -> tuple[list[bytes], bool]:
+    """Body chunks until the body ends (``True``) or their size passes ``limit`` (``False``,
+    the chunk that crossed it included, the rest still unread)."""
     parts: list[bytes] = []
     size = 0
     while True:
@@ -212,9 +203,15 @@ async def _buffer_or_stream(receive: Receive, limit: int) -> bytes | AsyncIterat
         parts.append(chunk)
         size += len(chunk)
         if not message.get("more_body", False):
-            return b"".join(parts)
+            return parts, True
         if size > limit:
-            return _chain(parts, receive)
+            return parts, False
+
+
+async def _buffer_or_stream(receive: Receive, limit: int) -> bytes | AsyncIterator[bytes]:
+    """The whole body if it ends within ``limit`` bytes, else a stream of all of it."""
+    parts, complete = await read_body(receive, limit)
+    return b"".join(parts) if complete else _chain(parts, receive)
 
 
 async def _chain(prefix: list[bytes], receive: Receive) -> AsyncIterator[bytes]:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import basic_config
 from tests.support.processes import RedisServer, Sidecar, Upstream, upstream_calls
+from tests.support.processes import sidecar_metric as metric
 
 BACKENDS = ["memory", "redis"]
 
@@ -63,15 +64,6 @@ def sidecar(
 
 def unique_path(prefix: str = "/cache/") -> str:
     return f"{prefix}{uuid.uuid4().hex}"
-
-
-def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    text = httpx.get(sidecar.admin_url + "/api/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 END_TO_END = ("content-type", "content-length", "etag", "x-upstream-custom", "date", "server")

@@ -9,20 +9,10 @@ import time
 import uuid
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import basic_config
 from tests.support.processes import Sidecar, Upstream, free_port, upstream_calls
-
-
-def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    text = httpx.get(sidecar.admin_url + "/api/metrics").text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+from tests.support.processes import sidecar_metric as metric
 
 
 def timed_gets(sidecar: Sidecar, path: str, count: int) -> list[tuple[int, float, str | None]]:

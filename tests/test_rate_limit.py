@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import basic_config
 from tests.support.processes import RedisServer, Sidecar, Upstream
+from tests.support.processes import sidecar_metric as metric
 
 BACKENDS = ["memory", "redis"]
 
@@ -44,17 +45,6 @@ def config(
     if backend == "redis":
         cfg["store"] = {"backend": "redis", "url": redis_url, "timeout": "250ms"}
     return cfg
-
-
-def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    text = httpx.get(sidecar.admin_url + "/api/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def burst(urls: list[str], count: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

@@ -12,26 +12,16 @@ import uuid
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import basic_config
 from tests.support.processes import Sidecar, Upstream, free_port, upstream_calls
+from tests.support.processes import sidecar_metric as metric
 
 FAST = {"base_delay": "5ms", "max_delay": "20ms"}
 
 
 def key() -> str:
     return uuid.uuid4().hex
-
-
-def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
-    text = httpx.get(sidecar.admin_url + "/api/metrics").text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def route(prefix: str, retry: dict, methods: list[str] | None = None) -> dict:

@@ -36,7 +36,7 @@ import secrets
 
 from proxy.config.schema import Idempotency
 from proxy.context import RequestContext
-from proxy.forward import ClientDisconnected
+from proxy.forward import read_body
 from proxy.metrics import IDEMPOTENCY
 from proxy.problem import send_problem
 from proxy.store.idempotency import IdempotencyStore, Record, StoredResponse, StoreUnavailable
@@ -501,16 +501,6 @@ def _unquote(raw: bytes) -> bytes:
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None once it grows past ``limit``."""
-    parts = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+    parts, complete = await read_body(receive, limit)
+    size = sum(map(len, parts))
+    return b"".join(parts) if complete and size <= limit else None

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +25,17 @@ def upstream_calls(upstream: Upstream, method: str, path: str, key: str) -> int:
     """How often the echo upstream executed ``method path`` for ``X-Test-Key: key``."""
     calls = httpx.get(upstream.url + "/stats", timeout=5).json()["calls"]
     return int(calls.get(f"{method} {path} {key}", 0))
+
+
+def sidecar_metric(sidecar: Sidecar, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``, from /api/metrics."""
+    text = httpx.get(sidecar.admin_url + "/api/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def poll(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
