@@ -10,10 +10,12 @@ code runs unmodified; it needs root or ``CAP_SYS_PTRACE``.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +25,41 @@ from bench.report import RESULTS
 from bench.scenarios import log
 from bench.targets import Fleet
 
-FORMATS = {"flamegraph": "svg", "speedscope": "speedscope.json"}
+FORMATS = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "collapsed.txt"}
+FUNCTION = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def summarise(collapsed: Path, top: int = 25) -> str:
+    """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            inclusive[frame] += samples
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples"]
+    for title, counter in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"-- top {top} by {title} time")
+        for name, samples in counter.most_common(top):
+            lines.append(f"{100 * samples / total:6.1f}%  {name}")
+    return "\n".join(lines)
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/file.py:12)`` → ``name (file.py)``: lines of one function merge."""
+    match = FUNCTION.match(frame.strip())
+    if not match:
+        return frame.strip()
+    return f"{match['name']} ({Path(match['file']).name})"
 
 
 def py_spy() -> str | None:
@@ -40,7 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target", choices=["all-features", "pass-through"], default="all-features"
     )
-    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both")
+    parser.add_argument(
+        "--format",
+        choices=[*FORMATS, "both"],
+        default="both",
+        help="both: flamegraph and speedscope; raw: collapsed stacks and a top-functions table",
+    )
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="include C frames (py-spy --native)")
     parser.add_argument("--no-pin", action="store_true")
@@ -99,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_signals()
     launcher = Launcher(Pinning.choose(not args.no_pin))
     fleet = Fleet(launcher)
-    formats = list(FORMATS) if args.format == "both" else [args.format]
+    formats = ["flamegraph", "speedscope"] if args.format == "both" else [args.format]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = "/api/orders" if args.method == "POST" else "/api/items/42"
     try:
@@ -126,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"recording {args.target} ({args.method}, {args.connections} conns) as {fmt}")
             record(spy, target.pid, output, fmt, args, load, launcher)
             print(f"wrote {output.relative_to(ROOT)}")
+            if fmt == "raw":
+                print(summarise(output))
     except (StartupError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
