@@ -87,7 +87,7 @@ class HttpProtocol(asyncio.Protocol):
 
     Built by uvicorn's ``Server`` (``config``, ``server_state``, ``app_state``) and honours
     its contract: it registers itself in ``server_state.connections`` (``shutdown()`` closes
-    it once idle) and each request's task in ``server_state.tasks``.
+    it once idle) and the task of every request being answered in ``server_state.tasks``.
     """
 
     limits: Limits = Limits()
@@ -115,6 +115,8 @@ class HttpProtocol(asyncio.Protocol):
         self.current: Exchange | None = None
         self.parsing: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
+        # The connection's task between requests, waiting for the next exchange.
+        self.idle_task: asyncio.Future[Exchange | None] | None = None
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
@@ -160,6 +162,11 @@ class HttpProtocol(asyncio.Protocol):
                 exchange.disconnected = True
                 exchange.wake()
         self.pipeline.clear()
+        idle = self.idle_task
+        if idle is not None:
+            self.idle_task = None
+            if not idle.done():
+                idle.set_result(None)
         self.write_paused = False
         self._release_drain_waiters()
         if exc is None:
@@ -351,30 +358,46 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- exchanges ----------------------------------------------------------------------
     def start(self, exchange: Exchange) -> None:
+        """Run the app for ``exchange``: on the connection's idle task if it has one (a
+        task per request, with asyncio's registration of every task, was measurable)."""
         self.current = exchange
-        task = self.loop.create_task(self.run(exchange))
-        exchange.task = task
-        self.server_state.tasks.add(task)
+        waiter = self.idle_task
+        if waiter is not None and not waiter.done():
+            self.idle_task = None
+            waiter.set_result(exchange)
+        else:  # the first request, or the previous app call has not returned yet
+            self.loop.create_task(self.serve(exchange))
 
-    async def run(self, exchange: Exchange) -> None:
-        try:
-            await self.app(exchange.scope, exchange.receive, exchange.send)
-        except BaseException as exc:
-            logger.error("exception in the ASGI application", exc_info=exc)
-            if not exchange.started:
-                self.answer_internal_error(exchange)
-            elif not exchange.complete:
-                self.transport.close()
-        else:
-            if not exchange.started and not exchange.disconnected:
-                logger.error("ASGI application returned without starting the response")
-                self.answer_internal_error(exchange)
-            elif not exchange.complete and not exchange.disconnected:
-                # e.g. the upstream failed mid-body: the client sees a truncated response.
-                exchange.flush_head()
-                self.transport.close()
-        finally:
-            self.server_state.tasks.discard(exchange.task)
+    async def serve(self, exchange: Exchange | None) -> None:
+        """A connection's task: answer ``exchange``, then wait idle for the next one."""
+        tasks = self.server_state.tasks
+        task = asyncio.current_task()
+        while exchange is not None:
+            tasks.add(task)  # the drain cancels these; an idle task is not in flight
+            try:
+                await self.app(exchange.scope, exchange.receive, exchange.send)
+            except BaseException as exc:
+                logger.error("exception in the ASGI application", exc_info=exc)
+                if not exchange.started:
+                    self.answer_internal_error(exchange)
+                elif not exchange.complete:
+                    self.transport.close()
+                if isinstance(exc, asyncio.CancelledError):
+                    return
+            else:
+                if not exchange.started and not exchange.disconnected:
+                    logger.error("ASGI application returned without starting the response")
+                    self.answer_internal_error(exchange)
+                elif not exchange.complete and not exchange.disconnected:
+                    # e.g. the upstream failed mid-body: the client sees a truncated response.
+                    exchange.flush_head()
+                    self.transport.close()
+            finally:
+                tasks.discard(task)
+            if self.idle_task is not None or self.transport.is_closing():
+                return  # another task is already waiting, or the connection is done
+            waiter = self.idle_task = self.loop.create_future()
+            exchange = await waiter
 
     def answer_internal_error(self, exchange: Exchange) -> None:
         exchange.started = exchange.complete = True
@@ -488,7 +511,6 @@ class Exchange:
         "remaining",
         "scope",
         "started",
-        "task",
         "waiter",
     )
 
@@ -500,7 +522,6 @@ class Exchange:
         self.keep_alive = keep_alive
         self.expect_continue = expect
         self.is_head = False
-        self.task: asyncio.Task[None] | None = None
         # request side
         self.body: list[bytes] = []
         self.buffered = 0
