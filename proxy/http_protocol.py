@@ -502,9 +502,9 @@ class Exchange:
         "delivered",
         "disconnected",
         "expect_continue",
-        "flush_handle",
         "head",
         "is_head",
+        "no_body",
         "keep_alive",
         "more_body",
         "protocol",
@@ -522,6 +522,7 @@ class Exchange:
         self.keep_alive = keep_alive
         self.expect_continue = expect
         self.is_head = False
+        self.no_body = False  # HEAD, 1xx, 204 and 304 answers: never a body on the wire
         # request side
         self.body: list[bytes] = []
         self.buffered = 0
@@ -535,7 +536,6 @@ class Exchange:
         self.chunked = False
         self.remaining = -1  # Content-Length bytes still to send; -1: not length-framed
         self.head: bytes | None = None  # held back until the first body chunk
-        self.flush_handle: asyncio.Handle | None = None
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -582,13 +582,15 @@ class Exchange:
             self.started = True
             # Held for the first body chunk, but never past this loop iteration: a
             # streaming response whose first chunk is not ready still gets its head now.
-            self.flush_handle = protocol.loop.call_soon(self.flush_head)
+            # (The handle is not kept: exchange -> handle -> bound method -> exchange would
+            # be a reference cycle per request, left for the garbage collector.)
+            protocol.loop.call_soon(self.flush_head)
             return
         if self.complete or kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        if self.is_head:
+        if self.no_body:
             data = b""
         elif self.chunked:
             if body:
@@ -647,7 +649,8 @@ class Exchange:
             lines.append(b"%b: %b\r\n" % (name, value))
         if not self.keep_alive and not close:
             lines.append(b"connection: close\r\n")
-        if length < 0 and not chunked and not self.is_head and status not in (204, 304):
+        no_body = self.is_head or status in (204, 304) or status < 200
+        if length < 0 and not chunked and not no_body:
             chunked = True
             lines.append(b"transfer-encoding: chunked\r\n")
         lines.append(b"\r\n")
@@ -655,8 +658,9 @@ class Exchange:
         # A CR or LF inside a name or value would split the response: refuse it.
         if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
             raise RuntimeError("invalid byte in a response header")
-        self.chunked = chunked and not self.is_head
-        self.remaining = 0 if self.is_head else length
+        self.no_body = no_body
+        self.chunked = chunked and not no_body
+        self.remaining = 0 if no_body else length
         if self.protocol.access_log:
             scope = self.scope
             client = scope["client"]

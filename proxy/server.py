@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import signal
@@ -79,6 +80,11 @@ class Sidecar:
             if server.should_exit:  # startup failed (port in use...): uvicorn logged why
                 await self._close()
                 return 1
+        # Everything built so far (modules, config, pipelines) lives as long as the
+        # process: keep it out of the collector's full passes, which then take ~4 ms
+        # instead of ~40 ms (requests themselves make no reference cycles).
+        gc.collect()
+        gc.freeze()
         if config.reload.watch and self.config_path:
             self._tasks.append(asyncio.create_task(self._watch_file()))
         logger.info(
