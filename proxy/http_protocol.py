@@ -7,7 +7,7 @@ per-request machinery on top (a ``RequestResponseCycle`` with an ``asyncio.Event
 done-callback, a keep-alive ``TimerHandle`` armed and cancelled per request, two regular
 expressions per response header, a write for the head and another for the body). The
 same ASGI contract costs far less when the exchange is one slotted object, the head goes
-out with the first body chunk, and every deadline is a slot a sweeper checks.
+out with the first body chunk, and every deadline is a slot a periodic sweep checks.
 
 A proxy is also the first thing every request touches, so the codec enforces what uvicorn
 leaves to the application, like Envoy's and nginx's:
@@ -91,7 +91,7 @@ class HttpProtocol(asyncio.Protocol):
     """
 
     limits: Limits = Limits()
-    sweeper: DeadlineSweeper | None = None  # one per protocol class (listener) and loop
+    chores: ListenerChores | None = None  # one per protocol class (listener) and loop
 
     def __init__(
         self,
@@ -131,7 +131,7 @@ class HttpProtocol(asyncio.Protocol):
         self.expect_continue = False
         self.transfer_encoding: bytes | None = None
         self.rejected = False
-        # One deadline per connection (head, body or keep-alive), fired by the sweeper.
+        # One deadline per connection (head, body or keep-alive), fired by the chores.
         self.deadline_at = 0.0
         self.on_deadline: Any = None
 
@@ -144,19 +144,18 @@ class HttpProtocol(asyncio.Protocol):
         if transport.get_extra_info("sslcontext"):
             self.scheme = "https"
         self.server_state.connections.add(self)
-        sweeper = type(self).sweeper
-        if sweeper is None or sweeper.loop is not self.loop:
-            sweeper = type(self).sweeper = DeadlineSweeper(self.loop, self.limits)
-        sweeper.connections.add(self)
+        chores = type(self).chores
+        if chores is None or chores.loop is not self.loop:
+            chores = type(self).chores = ListenerChores(self.loop, self.limits)
+        self.chores = chores
+        chores.connections.add(self)
         # A connection that never sends a complete head is closed like a slow one.
         self.arm(self.limits.request_headers_timeout, self.head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline_at = 0.0
         self.server_state.connections.discard(self)
-        sweeper = type(self).sweeper
-        if sweeper is not None:
-            sweeper.connections.discard(self)
+        self.chores.connections.discard(self)
         for exchange in (self.current, self.parsing, *self.pipeline):
             if exchange is not None and not exchange.complete:
                 exchange.disconnected = True
@@ -480,7 +479,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- deadlines ----------------------------------------------------------------------
     # Arming is two attribute stores, not a timer: re-armed on every body chunk and twice
-    # per request, per-request TimerHandles were measurable; a sweeper fires them instead.
+    # per request, per-request TimerHandles were measurable; the chores sweep them instead.
     def arm(self, delay: float, callback: Any) -> None:
         self.deadline_at = self.loop.time() + delay
         self.on_deadline = callback
@@ -582,9 +581,7 @@ class Exchange:
             self.started = True
             # Held for the first body chunk, but never past this loop iteration: a
             # streaming response whose first chunk is not ready still gets its head now.
-            # (The handle is not kept: exchange -> handle -> bound method -> exchange would
-            # be a reference cycle per request, left for the garbage collector.)
-            protocol.loop.call_soon(self.flush_head)
+            protocol.chores.hold_head(self)
             return
         if self.complete or kind != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
@@ -676,16 +673,33 @@ class Exchange:
         return head
 
 
-class DeadlineSweeper:
-    """Fires the request deadlines of every connection of one listener, ``interval`` apart
-    (so a deadline fires up to ``interval`` late: a quarter of the shortest timeout)."""
+class ListenerChores:
+    """Per-loop housekeeping of one listener: request deadlines and held response heads.
+
+    Deadlines of every connection are checked ``interval`` apart (so one fires up to
+    ``interval`` late: a quarter of the shortest timeout). Heads waiting for their first
+    body chunk are flushed by one callback per loop iteration (a handle per response was
+    measurable); the list is emptied then, so it keeps no exchange alive.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits) -> None:
         self.loop = loop
         self.connections: set[HttpProtocol] = set()
+        self.held_heads: list[Exchange] = []
         shortest = min(limits.request_headers_timeout, limits.body_idle_timeout)
         self.interval = min(1.0, max(0.05, shortest / 4))
         self._handle = loop.call_later(self.interval, self._tick)
+
+    def hold_head(self, exchange: Exchange) -> None:
+        if not self.held_heads:
+            self.loop.call_soon(self._flush_heads)
+        self.held_heads.append(exchange)
+
+    def _flush_heads(self) -> None:
+        held = self.held_heads[:]
+        self.held_heads.clear()
+        for exchange in held:
+            exchange.flush_head()
 
     def _tick(self) -> None:
         now = self.loop.time()
