@@ -23,7 +23,7 @@ from bench import wrk
 from bench.processes import ROOT, Launcher, Pinning, StartupError, interrupt_on_signals
 from bench.report import RESULTS
 from bench.scenarios import log
-from bench.targets import Fleet
+from bench.targets import SIDECARS, Fleet
 
 FORMATS = {"flamegraph": "svg", "speedscope": "speedscope.json", "raw": "collapsed.txt"}
 FUNCTION = re.compile(r"^(?P<name>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--method", choices=["GET", "POST"], default="GET")
     parser.add_argument(
-        "--target", choices=["all-features", "pass-through"], default="all-features"
+        "--target", choices=sorted(SIDECARS), default="all-features"
     )
     parser.add_argument(
         "--format",

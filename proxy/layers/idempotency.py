@@ -402,6 +402,7 @@ class _Exchange:
         "overflow",
         "owner",
         "parts",
+        "pending_start",
         "record_id",
         "send_downstream",
         "settled",
@@ -434,6 +435,7 @@ class _Exchange:
         self.size = 0
         self.overflow = False
         self.settled = False
+        self.pending_start: Message | None = None
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -443,7 +445,11 @@ class _Exchange:
             self.sidecar_answer = self.ctx.error is not None
             self.headers = message["headers"]
             message["headers"] = [*self.headers, self.key_header]
-        elif kind == "http.response.body":
+            # Held until the first body message: when that is the whole body, the record is
+            # written first and head and body then leave together (one write, not two).
+            self.pending_start = message
+            return
+        if kind == "http.response.body":
             chunk = message.get("body", b"")
             if chunk and not self.overflow:
                 self.size += len(chunk)
@@ -455,6 +461,10 @@ class _Exchange:
             if not message.get("more_body", False) and not self.settled:
                 # Record before the client sees the end: a retry after it is always replayed.
                 await self.settle(complete=True)
+        start = self.pending_start
+        if start is not None:
+            self.pending_start = None
+            await self.send_downstream(start)
         await self.send_downstream(message)
 
     async def settle(self, *, complete: bool) -> None:
