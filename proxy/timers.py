@@ -86,6 +86,12 @@ class TimerWheel:
         self.buckets.clear()
 
 
+def expire(waiter: asyncio.Future[Any]) -> None:
+    """A timeout callback: fail ``waiter`` with ``TimeoutError`` unless it is done."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 _wheels: dict[asyncio.AbstractEventLoop, TimerWheel] = {}
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from proxy.timers import expire, wheel_for
+
 
 class RedisUnavailable(ConnectionError):
     """The connection failed, closed, or a reply did not arrive in time."""
@@ -54,6 +56,7 @@ class _RespProtocol(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.timers = wheel_for(self.loop)
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.pending: list[bytes] = []
@@ -135,10 +138,17 @@ class RedisPipe:
     async def execute(self, *args: Any) -> Any:
         protocol = self._protocol
         try:
-            async with asyncio.timeout(self.timeout):
-                if protocol is None or protocol.closed:
+            if protocol is None or protocol.closed:
+                async with asyncio.timeout(self.timeout):
                     protocol = await self._connect()
-                return await protocol.call(args)
+            # The reply's deadline is on the timer wheel: asyncio.timeout would arm and
+            # cancel a libuv timer per command.
+            waiter = protocol.call(args)
+            timer = protocol.timers.call_later(self.timeout, expire, waiter)
+            try:
+                return await waiter
+            finally:
+                timer.cancel()
         except TimeoutError:
             if protocol is not None:
                 protocol.abort(f"no reply from redis within {self.timeout:g}s")

@@ -32,7 +32,7 @@ from typing import Any
 
 import httptools
 
-from proxy.timers import wheel_for
+from proxy.timers import expire, wheel_for
 from proxy.upstream.errors import (
     ConnectFailure,
     ConnectionReset,
@@ -309,7 +309,7 @@ class Response:
     async def _wait_for_data(self) -> None:
         conn = self._conn
         self._waiter = waiter = conn.loop.create_future()
-        timer = conn.pool.timers.call_later(self._idle_timeout, _expire, waiter)
+        timer = conn.pool.timers.call_later(self._idle_timeout, expire, waiter)
         try:
             await waiter
         except TimeoutError:
@@ -332,11 +332,6 @@ class Response:
             self._released = True
             self._conn.abort()
             self._conn.finished(self)
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class EndpointPool:
