@@ -13,7 +13,7 @@ from proxy.headers import new_request_id, valid_request_id
 from proxy.metrics import DRAINING, IN_FLIGHT
 from proxy.pipeline import Runtime
 from proxy.problem import send_problem
-from proxy.types import Message, Receive, Scope, Send
+from proxy.types import Receive, Scope, Send
 from proxy.upstream.errors import UpstreamError
 
 logger = logging.getLogger("sidecar.proxy")
@@ -71,55 +71,29 @@ class ProxyApp:
         ctx.draining = state.draining
         scope["sidecar"] = ctx
 
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if state.draining:  # even for requests that arrived before the signal
-                    message = _closing(message)
-            await send(message)
-
         state.in_flight += 1
         try:
-            await route.app(scope, receive, tracking_send)  # type: ignore[misc]
+            await route.app(scope, receive, send)  # type: ignore[misc]
         except ClientDisconnected:
             ctx.error = "client_disconnected"
         except asyncio.CancelledError:
-            if not state.draining:
-                raise
-            # drain_timeout passed and server.py cancelled what was left: answer if we can
-            # (a response already streaming is cut short), and let the process exit.
-            ctx.error = "draining"
-            if not started:
-                await send_problem(
-                    tracking_send,
-                    503,
-                    "draining",
-                    "the sidecar shut down (drain_timeout) before the upstream answered; "
-                    "the upstream may or may not have processed the request",
-                )
+            # The drain timeout cut the request: the server answers 503 `draining` if the
+            # response has not started (proxy/http_protocol.py).
+            ctx.error = "draining" if state.draining else "cancelled"
+            raise
         except UpstreamError:
-            if not started:
-                raise
-            # The upstream failed mid-body: returning without completing makes the server
-            # close the client connection, so the client sees a truncated response.
+            # The upstream failed mid-body (the forwarder answers failures before the head
+            # itself): returning without completing makes the server close the client
+            # connection, so the client sees a truncated response.
+            pass
         except Exception:
-            if started:
-                raise
             logger.exception("unhandled error while proxying %s %s", scope["method"], scope["path"])
             ctx.error = "internal"
-            await send_problem(
-                tracking_send, 500, "internal-error", "the sidecar failed to handle the request"
-            )
+            try:
+                await send_problem(
+                    send, 500, "internal-error", "the sidecar failed to handle the request"
+                )
+            except RuntimeError:  # the response had started: the server cuts it short
+                pass
         finally:
             state.in_flight -= 1
-
-
-def _closing(message: Message) -> Message:
-    """A response head that also says ``Connection: close`` (answers sent while draining)."""
-    headers = list(message.get("headers", ()))
-    if not any(name == b"connection" and b"close" in value.lower() for name, value in headers):
-        headers.append((b"connection", b"close"))
-    return {**message, "headers": headers}

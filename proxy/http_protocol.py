@@ -92,6 +92,9 @@ class HttpProtocol(asyncio.Protocol):
 
     limits: Limits = Limits()
     chores: ListenerChores | None = None  # one per protocol class (listener) and loop
+    # Set when the process drains: every answer from then on says `Connection: close`,
+    # including those of requests that arrived before the signal.
+    draining = False
 
     def __init__(
         self,
@@ -375,14 +378,20 @@ class HttpProtocol(asyncio.Protocol):
             tasks.add(task)  # the drain cancels these; an idle task is not in flight
             try:
                 await self.app(exchange.scope, exchange.receive, exchange.send)
+            except asyncio.CancelledError:
+                # The drain timeout passed and the server cancelled what was left: answer
+                # if we can (a response already streaming is cut short).
+                if not exchange.started:
+                    self.answer_cancelled(exchange)
+                elif not exchange.complete:
+                    self.transport.close()
+                return
             except BaseException as exc:
                 logger.error("exception in the ASGI application", exc_info=exc)
                 if not exchange.started:
                     self.answer_internal_error(exchange)
                 elif not exchange.complete:
                     self.transport.close()
-                if isinstance(exc, asyncio.CancelledError):
-                    return
             else:
                 if not exchange.started and not exchange.disconnected:
                     logger.error("ASGI application returned without starting the response")
@@ -397,6 +406,15 @@ class HttpProtocol(asyncio.Protocol):
                 return  # another task is already waiting, or the connection is done
             waiter = self.idle_task = self.loop.create_future()
             exchange = await waiter
+
+    def answer_cancelled(self, exchange: Exchange) -> None:
+        self.reject(
+            503,
+            "draining",
+            "the sidecar shut down (drain_timeout) before the upstream answered; "
+            "the upstream may or may not have processed the request",
+        )
+        exchange.started = exchange.complete = True
 
     def answer_internal_error(self, exchange: Exchange) -> None:
         exchange.started = exchange.complete = True
@@ -644,6 +662,8 @@ class Exchange:
                     close = True
                     self.keep_alive = False
             lines.append(b"%b: %b\r\n" % (name, value))
+        if self.protocol.draining:
+            self.keep_alive = False
         if not self.keep_alive and not close:
             lines.append(b"connection: close\r\n")
         no_body = self.is_head or status in (204, 304) or status < 200

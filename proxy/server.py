@@ -26,7 +26,7 @@ from proxy.app import ProxyApp, ProxyState
 from proxy.config import Config, ConfigError, load_config
 from proxy.health import UpstreamProber
 from proxy.health_monitor import HealthMonitor
-from proxy.http_protocol import protocol_for
+from proxy.http_protocol import HttpProtocol, protocol_for
 from proxy.metrics import CONFIG_RELOADS
 from proxy.pipeline import Runtime, Shared, build_runtime
 from proxy.system import LoopLagMonitor
@@ -53,6 +53,7 @@ class Sidecar:
         self._hurry = False  # a second signal: stop waiting
         self._config_digest = _digest(config_path)
         self._servers: list[uvicorn.Server] = []
+        self._protocol: type[HttpProtocol] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def serve(self) -> int:
@@ -63,12 +64,9 @@ class Sidecar:
         self.health = HealthMonitor(self.state, self.prober, self.loop_lag)
         self.health.start()  # probes the upstreams (and starts the loop-lag sampler)
         self.loop_lag.start()
+        self._protocol = protocol_for(config.limits)
         proxy = _server(
-            ProxyApp(self.state),
-            config.listen.host,
-            config.listen.port,
-            config,
-            protocol_for(config.limits),
+            ProxyApp(self.state), config.listen.host, config.listen.port, config, self._protocol
         )
         admin = _server(
             AdminApp(self.state, self.health), config.admin.host, config.admin.port, config
@@ -123,6 +121,8 @@ class Sidecar:
             shutdown.drain_timeout,
         )
         self.state.draining = True
+        if self._protocol is not None:
+            self._protocol.draining = True  # every answer says Connection: close from now on
         self._signal_time = time.monotonic()
         self.stopping.set()
 
