@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from proxy.app import _closing
 from proxy.config import ConfigError
 from proxy.config.loader import parse_config
 from proxy.config.schema import Config, HealthCheck, HealthSettings, Store, Upstream
@@ -335,11 +334,3 @@ def test_drain_delay_longer_than_drain_timeout_is_a_config_error() -> None:
         parse_config("health: {loop_lag_warn: 2s}", "x.yaml")
     config = parse_config("health: {interval: 250ms, critical: [upstream]}", "x.yaml")
     assert config.health.interval == 0.25 and config.health.critical == ["upstream"]
-
-
-def test_draining_answers_get_exactly_one_connection_close() -> None:
-    message = {"type": "http.response.start", "status": 502, "headers": [(b"x", b"1")]}
-    closing = _closing(message)
-    assert closing["headers"] == [(b"x", b"1"), (b"connection", b"close")]
-    assert _closing(closing)["headers"] == closing["headers"]
-    assert message["headers"] == [(b"x", b"1")]  # the original is untouched

@@ -32,12 +32,13 @@ App = Callable[..., Any]
 
 
 @contextmanager
-def serving(app: App) -> Iterator[int]:
+def serving(app: App, *, draining: bool = False) -> Iterator[int]:
     """Serve ``app`` with the proxy listener's protocol on a free port; yields the port."""
     loop = uvloop.new_event_loop()
     config = uvicorn.Config(app, http="httptools", lifespan="off", log_config=None)
     config.load()
     protocol_class = protocol_for(Limits())
+    protocol_class.draining = draining
     state = ServerState()
     started = threading.Event()
     port: list[int] = []
@@ -274,3 +275,16 @@ def test_proxied_requests_leave_no_reference_cycles_for_the_collector(
     finally:
         sidecar.stop()
     assert after - before < 1000, f"{after - before:.0f} objects collected for 3000 requests"
+
+
+@pytest.mark.parametrize("app_headers", [[(b"x", b"1")], [(b"connection", b"close")]])
+def test_answers_while_draining_carry_exactly_one_connection_close(app_headers: list) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [*app_headers, (b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serving(app, draining=True) as port:
+        response, closed = exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response.lower().count(b"connection: close") == 1
+    assert closed
