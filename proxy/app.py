@@ -8,7 +8,7 @@ import logging
 import time
 
 from proxy.context import RequestContext
-from proxy.forward import ClientDisconnected
+from proxy.forward import ClientDisconnected, answer_upstream_error
 from proxy.headers import new_request_id, valid_request_id
 from proxy.metrics import DRAINING, IN_FLIGHT
 from proxy.pipeline import Runtime
@@ -81,11 +81,15 @@ class ProxyApp:
             # response has not started (proxy/http_protocol.py).
             ctx.error = "draining" if state.draining else "cancelled"
             raise
-        except UpstreamError:
-            # The upstream failed mid-body (the forwarder answers failures before the head
-            # itself): returning without completing makes the server close the client
-            # connection, so the client sees a truncated response.
-            pass
+        except UpstreamError as exc:
+            # The upstream failed mid-body (the forwarder answers earlier failures itself).
+            # If no byte of the answer reached the client yet (a layer may hold the head,
+            # as idempotency does), the client still gets a 502/504; otherwise returning
+            # without completing makes the server close the connection: a truncated answer.
+            try:
+                await answer_upstream_error(send, exc, ctx.request_id)
+            except RuntimeError:
+                pass
         except Exception:
             logger.exception("unhandled error while proxying %s %s", scope["method"], scope["path"])
             ctx.error = "internal"

@@ -121,13 +121,7 @@ class Forwarder:
         except UpstreamError as exc:
             ctx.error = exc.kind
             ctx.upstream_sent = request.sent or exc.sent
-            await send_problem(
-                send,
-                _ERROR_STATUS.get(exc.kind, 502),
-                _ERROR_SLUG.get(exc.kind, "upstream-error"),
-                str(exc),
-                [(b"x-request-id", ctx.request_id)],
-            )
+            await answer_upstream_error(send, exc, ctx.request_id)
             return
         except UpstreamRejected as exc:
             ctx.error = exc.slug
@@ -144,6 +138,17 @@ class Forwarder:
             ctx.upstream_sent = request.sent  # cancelled or failed: may it have been seen?
             raise
         await relay_response(response, ctx, receive, send)
+
+
+async def answer_upstream_error(send: Send, exc: UpstreamError, request_id: bytes) -> None:
+    """The problem answer (502/504) for an upstream failure."""
+    await send_problem(
+        send,
+        _ERROR_STATUS.get(exc.kind, 502),
+        _ERROR_SLUG.get(exc.kind, "upstream-error"),
+        str(exc),
+        [(b"x-request-id", request_id)],
+    )
 
 
 async def relay_response(

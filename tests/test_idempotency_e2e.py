@@ -371,3 +371,29 @@ def test_claim_of_a_crashed_sidecar_turns_unknown_and_is_never_re_executed(
 def harness_calls(echo: Upstream, path: str, test_key: str) -> int:
     calls = httpx.get(echo.url + "/stats").json()["calls"]
     return int(calls.get(f"POST {path} {test_key}", 0))
+
+
+def test_keyed_post_whose_upstream_dies_after_its_head_gets_502_and_never_runs_twice(
+    start_sidecar,
+) -> None:
+    """The layer holds the head until the first body byte: when the upstream resets right
+    after its head, the client gets a complete 502 problem, not a truncated 201."""
+    from tests.support.raw import RawUpstream
+
+    upstream = RawUpstream(b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\n\r\n")
+    try:
+        config = basic_config(f"http://127.0.0.1:{upstream.port}")
+        config["routes"] = [
+            {"match": {"path_prefix": "/orders"}, "idempotency": {"enabled": True}},
+        ]
+        sidecar = start_sidecar(config)
+        headers = {"Idempotency-Key": "dies-after-head"}
+        first = httpx.post(sidecar.url + "/orders", json={"n": 1}, headers=headers)
+        assert first.status_code == 502
+        assert first.headers["content-type"] == "application/problem+json"
+        assert first.json()["type"].endswith(":upstream-reset")
+        again = httpx.post(sidecar.url + "/orders", json={"n": 1}, headers=headers)
+        assert again.status_code != 201
+        assert upstream.requests == 1  # the ambiguous first attempt is never repeated
+    finally:
+        upstream.close()

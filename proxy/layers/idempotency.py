@@ -36,11 +36,12 @@ import secrets
 
 from proxy.config.schema import Idempotency
 from proxy.context import RequestContext
-from proxy.forward import read_body
+from proxy.forward import answer_upstream_error, read_body
 from proxy.metrics import IDEMPOTENCY
 from proxy.problem import send_problem
 from proxy.store.idempotency import IdempotencyStore, Record, StoredResponse, StoreUnavailable
 from proxy.types import ASGIApp, Headers, Message, Receive, Scope, Send
+from proxy.upstream.errors import UpstreamError
 
 logger = logging.getLogger("sidecar.idempotency")
 
@@ -178,6 +179,15 @@ class IdempotencyLayer:
         exchange = _Exchange(self, ctx, send, record_id, owner, fingerprint, key_header)
         try:
             await self.app(scope, receive, exchange.send)
+        except UpstreamError as exc:
+            if exchange.pending_start is None:
+                raise  # part of the answer is out: the server cuts it short
+            # The upstream failed after its head but before any body byte, and the head
+            # was held here: the client gets a 502/504 rather than a truncated answer.
+            exchange.pending_start = None
+            ctx.error = exc.kind
+            await exchange.settle(complete=False)
+            await answer_upstream_error(send, exc, ctx.request_id)
         finally:
             if not exchange.settled:
                 await exchange.settle(complete=False)
