@@ -140,7 +140,6 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport) or hasattr(transport, "write")
         self.transport = transport  # type: ignore[assignment]
         self.client = _address(transport.get_extra_info("peername"))
         self.server = _address(transport.get_extra_info("sockname"))
@@ -157,6 +156,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.deadline_at = 0.0
+        self.on_deadline = None
         self.server_state.connections.discard(self)
         self.chores.connections.discard(self)
         for exchange in (self.current, self.parsing, *self.pipeline):
@@ -164,6 +164,10 @@ class HttpProtocol(asyncio.Protocol):
                 exchange.disconnected = True
                 exchange.wake()
         self.pipeline.clear()
+        # Drop what points back at this protocol, so a closed connection is freed by
+        # reference counting rather than left to the cycle collector.
+        self.current = self.parsing = None
+        self.parser = None  # type: ignore[assignment]
         idle = self.idle_task
         if idle is not None:
             self.idle_task = None

@@ -262,7 +262,7 @@ def test_proxied_requests_leave_no_reference_cycles_for_the_collector(
     echo_upstream: Upstream, tmp_path: Any
 ) -> None:
     """Per-request garbage cycles made the collector run every ~75 requests (about 7 % of
-    the CPU); requests must be freed by reference counting alone."""
+    the CPU); requests, and closed connections, must be freed by reference counting alone."""
     sidecar = Sidecar(basic_config(echo_upstream.url), tmp_path).start(wait_ready=True)
     try:
         port = int(sidecar.url.rsplit(":", 1)[1])
@@ -272,9 +272,16 @@ def test_proxied_requests_leave_no_reference_cycles_for_the_collector(
                 sock.sendall(b"GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n")
                 assert b"HTTP/1.1 200" in _read_responses(sock, 1)
         after = sidecar_metric(sidecar, "python_gc_objects_collected_total")
+        for _ in range(500):  # and a connection per request: closed ones are freed too
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"GET /echo/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                while sock.recv(65536):
+                    pass
+        closed = sidecar_metric(sidecar, "python_gc_objects_collected_total")
     finally:
         sidecar.stop()
     assert after - before < 1000, f"{after - before:.0f} objects collected for 3000 requests"
+    assert closed - after < 1000, f"{closed - after:.0f} objects collected for 500 connections"
 
 
 @pytest.mark.parametrize("app_headers", [[(b"x", b"1")], [(b"connection", b"close")]])
