@@ -68,7 +68,6 @@ class ProxyApp:
         peer_trusted = bool(trusted) and trusted.contains(peer)
         client_ip = trusted.client_ip(peer, xff) if peer_trusted else peer
         ctx = RequestContext(route, client_ip, peer_trusted, request_id, time.perf_counter())
-        ctx.draining = state.draining
         scope["sidecar"] = ctx
 
         state.in_flight += 1

@@ -13,7 +13,6 @@ class RequestContext:
 
     __slots__ = (
         "client_ip",
-        "draining",
         "error",
         "idempotency_key",
         "peer_trusted",
@@ -41,4 +40,3 @@ class RequestContext:
         # Whether any attempt may have reached the upstream (set by the forwarder when the
         # upstream call fails or is cancelled): idempotency then cannot release the key.
         self.upstream_sent = False
-        self.draining = False

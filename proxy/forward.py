@@ -156,7 +156,7 @@ async def relay_response(
 ) -> None:
     """Stream an upstream response to the client, releasing the connection on every path."""
     try:
-        headers = response_headers(response.headers, ctx.request_id, close=ctx.draining)
+        headers = response_headers(response.headers, ctx.request_id)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if response.at_eof:
             response.release()

@@ -192,8 +192,9 @@ def add_forwarding(
     headers.append((b"x-request-id", request_id))
 
 
-def response_headers(raw: Headers, request_id: bytes, *, close: bool) -> Headers:
-    """The client's view of an upstream response's headers."""
+def response_headers(raw: Headers, request_id: bytes) -> Headers:
+    """The client's view of an upstream response's headers (while the process drains, the
+    server protocol adds ``Connection: close`` to every answer)."""
     named = connection_tokens(raw) if any(n == b"connection" for n, _ in raw) else frozenset()
     out: Headers = []
     has_request_id = False
@@ -210,6 +211,4 @@ def response_headers(raw: Headers, request_id: bytes, *, close: bool) -> Headers
     out.append((b"via", VIA if via is None else via + b", " + VIA))
     if not has_request_id:
         out.append((b"x-request-id", request_id))
-    if close:
-        out.append((b"connection", b"close"))
     return out

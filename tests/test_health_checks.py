@@ -326,7 +326,7 @@ def test_worst_status_wins() -> None:
     assert worst(["warn", "fail", "pass"]) == "fail"
 
 
-# -- config and draining headers ------------------------------------------------------------
+# -- config ----------------------------------------------------------------------------------
 def test_drain_delay_longer_than_drain_timeout_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"shutdown\.drain_delay: must be <= drain_timeout"):
         parse_config("shutdown: {drain_delay: 30s, drain_timeout: 10s}", "x.yaml")

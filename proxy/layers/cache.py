@@ -160,8 +160,6 @@ class CacheLayer:
             (b"x-cache", label),
             (b"x-request-id", ctx.request_id),
         ]
-        if ctx.draining:
-            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": record.status, "headers": headers})
         body = b"" if scope["method"] == "HEAD" else record.body
         await send({"type": "http.response.body", "body": body})

@@ -302,8 +302,6 @@ class IdempotencyLayer:
             key_header,
             *_REPLAY_MARKERS,
         ]
-        if ctx.draining:
-            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
