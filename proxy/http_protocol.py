@@ -133,6 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         self.host_count = 0
         self.expect_continue = False
         self.transfer_encoding: bytes | None = None
+        self.declared_length = False  # a Content-Length other than 0
         self.rejected = False
         # One deadline per connection (head, body or keep-alive), fired by the chores.
         self.deadline_at = 0.0
@@ -258,6 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         self.host_count = 0
         self.expect_continue = False
         self.transfer_encoding = None
+        self.declared_length = False
         self.arm(self.limits.request_headers_timeout, self.head_timed_out)
 
     def on_url(self, url: bytes) -> None:
@@ -284,6 +286,8 @@ class HttpProtocol(asyncio.Protocol):
             self.host_count += 1
         elif name == b"transfer-encoding":
             self.transfer_encoding = value
+        elif name == b"content-length":
+            self.declared_length = value.strip() != b"0"
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
         self.headers.append((name, value))
@@ -332,7 +336,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         exchange.is_head = method == "HEAD"
         self.parsing = exchange
-        if self._expects_body():
+        if self.declared_length or coding is not None:  # a body follows
             self.arm(self.limits.body_idle_timeout, self.body_timed_out)
         else:
             self.deadline_at = 0.0
@@ -442,14 +446,6 @@ class HttpProtocol(asyncio.Protocol):
             self.arm(self.keep_alive_timeout, self.idle_timed_out)
 
     # -- refusals -----------------------------------------------------------------------
-    def _expects_body(self) -> bool:
-        for name, value in self.headers:
-            if name == b"content-length":
-                return value.strip() != b"0"
-            if name == b"transfer-encoding":
-                return True
-        return False
-
     def head_timed_out(self) -> None:
         current = self.current
         if current is not None and not current.complete and not self.in_head:

@@ -81,11 +81,8 @@ def _read_responses(sock: socket.socket, count: int, timeout: float = 5.0) -> by
     return data
 
 
-async def path_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Answers ``{"path": ...}``; the first path waits a little, so later ones queue up."""
-    if scope["path"] == "/slow":
-        await asyncio.sleep(0.2)
-    body = b'{"path": "%s"}' % scope["path"].encode()
+async def send_json(send: Any, body: bytes) -> None:
+    """A complete 200 answer with a Content-Length."""
     await send(
         {
             "type": "http.response.start",
@@ -94,6 +91,14 @@ async def path_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def path_echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers ``{"path": ...}``; the first path waits a little, so later ones queue up."""
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.2)
+    body = b'{"path": "%s"}' % scope["path"].encode()
+    await send_json(send, body)
 
 
 def test_pipelined_requests_are_answered_in_order() -> None:
@@ -124,14 +129,7 @@ async def body_reader(scope: dict[str, Any], receive: Any, send: Any) -> None:
             size += len(message.get("body", b""))
             more = message.get("more_body", False)
     body = b'{"size": %d}' % size
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, body)
 
 
 def test_expect_100_continue_is_answered_when_the_app_reads_the_body() -> None:
